@@ -1,0 +1,32 @@
+"""Pure-torch core: per-sample Jacobians, kernels and similarity (no Lightning imports)."""
+
+from lightning_netsim.core.batch import batch_size, flatten_batch
+from lightning_netsim.core.jacobians import OutputFn, default_output_fn, per_sample_jacobian
+from lightning_netsim.core.kernels import (
+    default_eps,
+    gradient_kernel,
+    influence,
+    inverse_sqrt_psd,
+    normalized_jacobian,
+    normalizer,
+    similarity,
+)
+from lightning_netsim.core.parameters import ParamSelection, parameter_slices, select_parameters
+
+__all__ = [
+    "OutputFn",
+    "ParamSelection",
+    "batch_size",
+    "default_eps",
+    "default_output_fn",
+    "flatten_batch",
+    "gradient_kernel",
+    "influence",
+    "inverse_sqrt_psd",
+    "normalized_jacobian",
+    "normalizer",
+    "parameter_slices",
+    "per_sample_jacobian",
+    "select_parameters",
+    "similarity",
+]

@@ -1,0 +1,161 @@
+"""Exact per-sample Jacobians of a network's outputs with respect to its parameters."""
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from lightning_netsim.core.batch import Batch, batch_size, flatten_batch, prepare_leaves
+from lightning_netsim.core.parameters import ParamSelection, check_per_sample_model, select_parameters
+from lightning_netsim.errors import UsageError
+
+__all__ = ["OutputFn", "default_output_fn", "grad_mode_for_autograd", "per_sample_jacobian"]
+
+OutputFn = Callable[[nn.Module, Batch], Tensor]
+"""``output_fn(model, batch) -> Tensor[B, d]`` (or ``[B]``, meaning d = 1)."""
+
+
+def default_output_fn(model: nn.Module, batch: Batch) -> Tensor:
+    """``model(batch[0])`` for a tuple or list batch, ``model(batch)`` otherwise.
+
+    Example:
+        >>> net = nn.Linear(3, 2)
+        >>> default_output_fn(net, (torch.zeros(5, 3), torch.zeros(5))).shape
+        torch.Size([5, 2])
+    """
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+class _OutputModule(nn.Module):
+    """Wraps ``output_fn`` so that ``functional_call`` swaps parameters for all of it."""
+
+    def __init__(self, model: nn.Module, output_fn: OutputFn) -> None:
+        super().__init__()
+        self.model = model
+        self.output_fn = output_fn
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.output_fn(self.model, batch)
+
+
+@contextmanager
+def grad_mode_for_autograd() -> Iterator[None]:
+    """Enable autograd even inside ``torch.no_grad()`` or ``torch.inference_mode()``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _output_rows(out: object, *, per_sample: bool) -> Tensor:
+    """Check an ``output_fn`` result and reshape it to ``[B, d]``."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"Expected `output_fn` to return a tensor of shape [B] or [B, d], but it returned a "
+            f"{type(out).__name__}. Fix: pass `output_fn=lambda model, batch: ...` that selects "
+            "the output tensor (e.g. `model(batch[0])['logits']`)."
+        )
+    if not out.is_floating_point():
+        raise TypeError(
+            f"Expected `output_fn` to return a floating-point tensor, but got dtype {out.dtype}."
+        )
+    if out.ndim not in (1, 2) or (per_sample and out.shape[0] != 1):
+        where = "for a batch of one example it returned" if per_sample else "it returned"
+        raise ValueError(
+            f"Expected `output_fn` to return a tensor of shape [B] or [B, d], but {where} shape "
+            f"{tuple(out.shape)}. Fix: flatten the outputs per example, e.g. "
+            "`output_fn=lambda model, batch: model(batch[0]).flatten(1)`."
+        )
+    return out.reshape(out.shape[0], -1)
+
+
+def per_sample_jacobian(
+    model: nn.Module,
+    inputs: Batch,
+    *,
+    output_fn: Optional[OutputFn] = None,
+    params: ParamSelection = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    r"""Exact per-sample Jacobians :math:`J_i = \partial f_\theta(x_i) / \partial \theta`.
+
+    Vectorized with ``torch.func`` (``functional_call`` + ``vmap(jacrev)``):
+    each example is run as a batch of one, so nothing couples the examples.
+    Works under ``torch.no_grad()`` and ``torch.inference_mode()``; never
+    writes ``.grad``, never changes module modes or the RNG state.
+
+    Args:
+        model: the network. Must not normalize with batch statistics
+            (BatchNorm in training mode) nor use dropout in training mode.
+        inputs: a tensor, or a (nested) tuple / list / dict batch whose tensors
+            share the leading batch dimension ``B``. Tensors are copied onto the
+            model's device.
+        output_fn: ``output_fn(model, batch) -> Tensor[B, d]`` (or ``[B]``,
+            meaning d = 1). Defaults to ``model(batch[0])`` for a tuple or list
+            and ``model(batch)`` otherwise.
+        params: which parameters form the columns (see
+            :func:`~lightning_netsim.core.parameters.select_parameters`);
+            default every parameter with ``requires_grad``.
+        chunk_size: examples processed at once (bounds memory); default all.
+
+    Returns:
+        Tensor of shape ``(B, d, P)`` on the model's device and dtype. Columns
+        follow ``model.named_parameters()`` order, each parameter flattened.
+
+    Raises:
+        UsageError: no trainable parameter, BatchNorm/dropout in training mode,
+            or a model ``torch.func`` cannot transform.
+        ValueError: output of the wrong shape, or a batch that cannot be split.
+        TypeError: output that is not a floating-point tensor.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> per_sample_jacobian(net, torch.randn(5, 3)).shape
+        torch.Size([5, 2, 26])
+    """
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"Expected `chunk_size` to be a positive integer or None, but got {chunk_size!r}.")
+    selected = select_parameters(model, params)
+    check_per_sample_model(model)
+    leaves, rebuild = flatten_batch(inputs)
+    n = batch_size(leaves)
+    reference = next(iter(selected.values()))
+    wrapper = _OutputModule(model, output_fn or default_output_fn)
+
+    def one_sample(theta: dict[str, Tensor], sample: Sequence[Tensor]) -> Tensor:
+        batch = rebuild([t.unsqueeze(0) for t in sample])
+        out = functional_call(wrapper, theta, (batch,))
+        return _output_rows(out, per_sample=True)[0]
+
+    with grad_mode_for_autograd():
+        theta = {f"model.{name}": p.detach() for name, p in selected.items()}
+        sample_leaves = prepare_leaves(leaves, reference.device)
+        try:
+            jac = vmap(jacrev(one_sample), in_dims=(None, 0), chunk_size=chunk_size)(theta, sample_leaves)
+        except RuntimeError as err:
+            raise _transform_error(model, err) from err
+    blocks = [jac[f"model.{name}"].reshape(n, -1, p.numel()) for name, p in selected.items()]
+    return torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
+
+
+def _transform_error(model: nn.Module, err: RuntimeError) -> Exception:
+    """Explain a ``torch.func`` failure, or pass other errors through."""
+    message = str(err)
+    if "randomness" in message:
+        return UsageError(
+            f"{type(model).__name__} draws random numbers in its forward pass (e.g. functional "
+            "dropout in training mode), so per-sample Jacobians are random. Fix: call "
+            "`model.eval()`, or make the randomness depend on `self.training`."
+        )
+    if "vmap" in message or "functorch" in message or "torch.func" in message:
+        return UsageError(
+            f"`torch.func` could not transform {type(model).__name__}: {message}\n"
+            "Per-sample Jacobians need a forward pass without data-dependent Python control "
+            "flow, `.item()` calls or in-place changes of the inputs. Fix: rewrite that part of "
+            "the forward pass, or restrict `params`/`output_fn` to a part of the model that "
+            "`torch.func.vmap` supports."
+        )
+    return err
