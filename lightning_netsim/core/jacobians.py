@@ -12,7 +12,7 @@ from lightning_netsim.core.batch import Batch, batch_size, flatten_batch, prepar
 from lightning_netsim.core.parameters import ParamSelection, check_per_sample_model, select_parameters
 from lightning_netsim.errors import UsageError
 
-__all__ = ["OutputFn", "default_output_fn", "grad_mode_for_autograd", "per_sample_jacobian"]
+__all__ = ["OutputFn", "default_output_fn", "functional_forward", "grad_mode_for_autograd", "per_sample_jacobian"]
 
 OutputFn = Callable[[nn.Module, Batch], Tensor]
 """``output_fn(model, batch) -> Tensor[B, d]`` (or ``[B]``, meaning d = 1)."""
@@ -72,6 +72,50 @@ def _output_rows(out: object, *, per_sample: bool) -> Tensor:
     return out.reshape(out.shape[0], -1)
 
 
+def _parameter_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name under which each parameter is used, one per (module, attribute) pair.
+
+    A module reused in several places appears once (``named_modules`` removes
+    duplicates), while a parameter tied between two modules gets both names.
+    """
+    aliases: dict[int, list[str]] = {}
+    for prefix, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            aliases.setdefault(id(p), []).append(f"{prefix}.{attr}" if prefix else attr)
+    return aliases
+
+
+def functional_forward(
+    model: nn.Module, selected: dict[str, nn.Parameter], output_fn: OutputFn
+) -> Callable[..., Tensor]:
+    """``call(theta, batch, per_sample=False) -> Tensor[B, d]`` with the selected parameters replaced.
+
+    ``theta`` maps the names of ``selected`` to tensors; the other parameters
+    enter detached, so no autograd graph reaches the model. The swap covers all of
+    ``output_fn`` (it may call any method or submodule of ``model``) and every
+    alias of a tied parameter; the model is restored afterwards. Weights are
+    never tied by ``functional_call`` itself: its tying mishandles a module
+    reused under two names and leaves plain tensors in place of parameters.
+    """
+    wrapper = _OutputModule(model, output_fn)
+    aliases = _parameter_aliases(model)
+    names = {name: [f"model.{alias}" for alias in aliases[id(p)]] for name, p in selected.items()}
+    others = {
+        f"model.{alias}": p
+        for name, p in model.named_parameters()
+        if name not in selected
+        for alias in aliases[id(p)]
+    }
+
+    def call(theta: dict[str, Tensor], batch: Batch, per_sample: bool = False) -> Tensor:
+        swapped = {alias: p.detach() for alias, p in others.items()}
+        swapped.update((alias, theta[name]) for name, group in names.items() for alias in group)
+        out = functional_call(wrapper, swapped, (batch,), tie_weights=False)
+        return _output_rows(out, per_sample=per_sample)
+
+    return call
+
+
 def per_sample_jacobian(
     model: nn.Module,
     inputs: Batch,
@@ -123,21 +167,20 @@ def per_sample_jacobian(
     leaves, rebuild = flatten_batch(inputs)
     n = batch_size(leaves)
     reference = next(iter(selected.values()))
-    wrapper = _OutputModule(model, output_fn or default_output_fn)
+
+    call = functional_forward(model, selected, output_fn or default_output_fn)
 
     def one_sample(theta: dict[str, Tensor], sample: Sequence[Tensor]) -> Tensor:
-        batch = rebuild([t.unsqueeze(0) for t in sample])
-        out = functional_call(wrapper, theta, (batch,))
-        return _output_rows(out, per_sample=True)[0]
+        return call(theta, rebuild([t.unsqueeze(0) for t in sample]), per_sample=True)[0]
 
     with grad_mode_for_autograd():
-        theta = {f"model.{name}": p.detach() for name, p in selected.items()}
+        theta = {name: p.detach() for name, p in selected.items()}
         sample_leaves = prepare_leaves(leaves, reference.device)
         try:
             jac = vmap(jacrev(one_sample), in_dims=(None, 0), chunk_size=chunk_size)(theta, sample_leaves)
         except RuntimeError as err:
             raise _transform_error(model, err) from err
-    blocks = [jac[f"model.{name}"].reshape(n, -1, p.numel()) for name, p in selected.items()]
+    blocks = [jac[name].reshape(n, -1, p.numel()) for name, p in selected.items()]
     return torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
 
 
