@@ -2,17 +2,25 @@
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, jacrev, jvp, vmap
 
-from lightning_netsim.core.batch import Batch, batch_size, flatten_batch, prepare_leaves
+from lightning_netsim.core.batch import Batch, Rebuild, batch_size, flatten_batch, prepare_leaves
 from lightning_netsim.core.parameters import ParamSelection, check_per_sample_model, select_parameters
 from lightning_netsim.errors import UsageError
 
-__all__ = ["OutputFn", "default_output_fn", "functional_forward", "grad_mode_for_autograd", "per_sample_jacobian"]
+__all__ = [
+    "JacobianEngine",
+    "OutputFn",
+    "PreparedBatch",
+    "default_output_fn",
+    "functional_forward",
+    "grad_mode_for_autograd",
+    "per_sample_jacobian",
+]
 
 OutputFn = Callable[[nn.Module, Batch], Tensor]
 """``output_fn(model, batch) -> Tensor[B, d]`` (or ``[B]``, meaning d = 1)."""
@@ -116,6 +124,105 @@ def functional_forward(
     return call
 
 
+class PreparedBatch(NamedTuple):
+    """A batch copied onto the model's device as autograd-usable leaves."""
+
+    leaves: list[Tensor]
+    rebuild: Rebuild
+    size: int
+
+
+class JacobianEngine:
+    """The model as a function of the selected parameters, with per-batch derivative primitives.
+
+    Validates the model once (trainable parameters, no batch statistics, no
+    training-mode dropout); every method runs with autograd enabled, on copies
+    of the batch, and returns detached tensors. Flat parameter vectors follow
+    the column order of :func:`per_sample_jacobian`.
+
+    Args:
+        model: the network.
+        output_fn: see :func:`per_sample_jacobian`.
+        params: see :func:`~lightning_netsim.core.parameters.select_parameters`.
+        chunk_size: examples per ``vmap`` chunk; default the whole batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        output_fn: Optional[OutputFn] = None,
+        params: ParamSelection = None,
+        chunk_size: Optional[int] = None,
+    ) -> None:
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"Expected `chunk_size` to be a positive integer or None, but got {chunk_size!r}.")
+        self.model = model
+        self.selected = select_parameters(model, params)
+        check_per_sample_model(model)
+        self.chunk_size = chunk_size
+        self._call = functional_forward(model, self.selected, output_fn or default_output_fn)
+        first = next(iter(self.selected.values()))
+        self.device, self.dtype = first.device, first.dtype
+        self.num_params = sum(p.numel() for p in self.selected.values())
+
+    def theta(self) -> dict[str, Tensor]:
+        """The selected parameters, detached."""
+        return {name: p.detach() for name, p in self.selected.items()}
+
+    def prepare(self, batch: Batch, name: str = "inputs") -> PreparedBatch:
+        """Flatten, check and copy a batch. Call under :func:`grad_mode_for_autograd`."""
+        leaves, rebuild = flatten_batch(batch)
+        n = batch_size(leaves, name=name)
+        return PreparedBatch(prepare_leaves(leaves, self.device), rebuild, n)
+
+    def _guard(self, fn: Callable[[], Tensor]) -> Tensor:
+        try:
+            with grad_mode_for_autograd():
+                return fn()
+        except RuntimeError as err:
+            raise _transform_error(self.model, err) from err
+
+    def outputs(self, batch: PreparedBatch) -> Tensor:
+        """Outputs ``(B, d)`` (detached)."""
+        with torch.no_grad():
+            return _output_rows(self._call(self.theta(), batch.rebuild(batch.leaves)), per_sample=False)
+
+    def jacobian(self, batch: PreparedBatch) -> Tensor:
+        """Per-sample Jacobians ``(B, d, P)``."""
+        rebuild = batch.rebuild
+
+        def one_sample(theta: dict[str, Tensor], sample: Sequence[Tensor]) -> Tensor:
+            return self._call(theta, rebuild([t.unsqueeze(0) for t in sample]), per_sample=True)[0]
+
+        def run() -> Tensor:
+            fn = vmap(jacrev(one_sample), in_dims=(None, 0), chunk_size=self.chunk_size)
+            jac = fn(self.theta(), batch.leaves)
+            blocks = [jac[name].reshape(batch.size, -1, p.numel()) for name, p in self.selected.items()]
+            return torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
+
+        return self._guard(run)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split ``(..., P)`` into ``{name: (..., *shape)}``."""
+        lead = flat.shape[:-1]
+        parts = flat.split([p.numel() for p in self.selected.values()], dim=-1)
+        return {name: part.reshape(*lead, *p.shape) for (name, p), part in zip(self.selected.items(), parts)}
+
+    def jvp(self, batch: PreparedBatch, tangents: Tensor) -> Tensor:
+        """Directional derivatives ``J_i t_r`` of the outputs: ``(R, B, d)`` for tangents ``(R, P)``.
+
+        One forward-mode pass per tangent, vectorized over the R tangents.
+        """
+        theta = self.theta()
+        inputs = batch.rebuild(batch.leaves)
+
+        def directional(tangent: dict[str, Tensor]) -> Tensor:
+            return jvp(lambda th: self._call(th, inputs), (theta,), (tangent,))[1]
+
+        return self._guard(lambda: vmap(directional)(self.unflatten(tangents.to(self.dtype))))
+
+
 def per_sample_jacobian(
     model: nn.Module,
     inputs: Batch,
@@ -160,28 +267,9 @@ def per_sample_jacobian(
         >>> per_sample_jacobian(net, torch.randn(5, 3)).shape
         torch.Size([5, 2, 26])
     """
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"Expected `chunk_size` to be a positive integer or None, but got {chunk_size!r}.")
-    selected = select_parameters(model, params)
-    check_per_sample_model(model)
-    leaves, rebuild = flatten_batch(inputs)
-    n = batch_size(leaves)
-    reference = next(iter(selected.values()))
-
-    call = functional_forward(model, selected, output_fn or default_output_fn)
-
-    def one_sample(theta: dict[str, Tensor], sample: Sequence[Tensor]) -> Tensor:
-        return call(theta, rebuild([t.unsqueeze(0) for t in sample]), per_sample=True)[0]
-
+    engine = JacobianEngine(model, output_fn=output_fn, params=params, chunk_size=chunk_size)
     with grad_mode_for_autograd():
-        theta = {name: p.detach() for name, p in selected.items()}
-        sample_leaves = prepare_leaves(leaves, reference.device)
-        try:
-            jac = vmap(jacrev(one_sample), in_dims=(None, 0), chunk_size=chunk_size)(theta, sample_leaves)
-        except RuntimeError as err:
-            raise _transform_error(model, err) from err
-    blocks = [jac[name].reshape(n, -1, p.numel()) for name, p in selected.items()]
-    return torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
+        return engine.jacobian(engine.prepare(inputs))
 
 
 def _transform_error(model: nn.Module, err: RuntimeError) -> Exception:

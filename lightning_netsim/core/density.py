@@ -1,0 +1,242 @@
+r"""How many examples the network sees as similar to each example.
+
+Three counts over a reference set (default: the data itself):
+
+- soft: :math:`n_i = \sum_j \rho_{ij}` (negative similarities count negatively; **includes**
+  :math:`j = i`, which adds 1 when the reference is the data);
+- hard: :math:`n_i = \#\{j \ne i : \rho_{ij} > t\}`;
+- less-soft: :math:`n_i = \sum_{j \ne i} \max(\rho_{ij}, 0)^p`.
+
+Hard and less-soft counts exclude the example itself (same global index).
+"""
+
+from typing import Any, Literal, Optional, get_args
+
+import torch
+from torch import Tensor, nn
+
+from lightning_netsim.core._sweep import Batches, checked_jacobian, streamed_pairs
+from lightning_netsim.core.data import check_data
+from lightning_netsim.core.distributed import ShardLayout, ShardSpec, all_reduce_sum
+from lightning_netsim.core.jacobians import JacobianEngine, OutputFn, grad_mode_for_autograd
+from lightning_netsim.core.kernels import inverse_sqrt_psd
+from lightning_netsim.core.parameters import ParamSelection
+
+__all__ = ["CountMethod", "counts_from_similarity", "neighbor_counts", "soft_density"]
+
+CountMethod = Literal["hard", "less_soft"]
+_METHODS: tuple[str, ...] = get_args(CountMethod)
+
+
+def _check_dims(d_data: int, d_ref: int) -> None:
+    if d_data != d_ref:
+        raise ValueError(
+            f"Expected `data` and `reference` to give outputs of one dimension, but got d = {d_data} "
+            f"and d = {d_ref}. Fix: use the same `output_fn` for both (and the same kind of batch)."
+        )
+
+
+def soft_density(
+    model: nn.Module,
+    data: Any,
+    *,
+    reference: Any = None,
+    output_fn: Optional[OutputFn] = None,
+    params: ParamSelection = None,
+    chunk_size: Optional[int] = None,
+    eps: Optional[float] = None,
+    shard: ShardSpec = None,
+    reference_shard: ShardSpec = None,
+) -> Tensor:
+    r"""Soft neighbor count :math:`n_i = \sum_j \rho_{ij}`, in time linear in the data.
+
+    With :math:`S = \sum_j \hat J_j` over the reference, :math:`n_i = \langle \hat J_i, S \rangle_F / d`.
+    Sweep 1 over the reference keeps only the :math:`d \times d` normalizers
+    and :math:`S` (``d × P``); sweep 2 gets :math:`J_i S_m` by forward-mode
+    derivatives (or, for a separate reference, from the query Jacobians that
+    its normalizers need anyway). Never builds the ``N × N`` matrix nor the
+    ``N × P`` gradients; memory is one batch of Jacobians plus ``N·d²``.
+
+    Args:
+        model: the network (eval-mode BatchNorm, no training-mode dropout).
+        data: the examples to count neighbors for: a tensor / tuple / dict (one
+            batch) or a re-iterable of batches (a ``DataLoader``, a list).
+        reference: the examples counted as neighbors; default ``data``.
+        output_fn: ``(model, batch) -> (B, d)``; see :func:`per_sample_jacobian`.
+        params: parameter selection; see :func:`select_parameters`.
+        chunk_size: examples per ``vmap`` chunk.
+        eps: cut-off of the pseudo-inverse normalizers; see :func:`similarity`.
+        shard: under ``torch.distributed``, how ranks hold ``data`` (see
+            :mod:`lightning_netsim.core.distributed`); results are gathered in
+            data order on every rank, each example once.
+        reference_shard: the same for ``reference`` (default: ``shard`` when
+            ``reference`` is ``None``).
+
+    Returns:
+        ``(N,)`` soft counts, including the example itself when ``reference`` is ``None``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> x = torch.randn(10, 2)
+        >>> from lightning_netsim import per_sample_jacobian, similarity
+        >>> rho = similarity(per_sample_jacobian(net, x))
+        >>> torch.allclose(soft_density(net, x), rho.sum(1), atol=1e-4)
+        True
+    """
+    check_data(data, "data")
+    if reference is not None:
+        check_data(reference, "reference")
+    engine = JacobianEngine(model, output_fn=output_fn, params=params, chunk_size=chunk_size)
+    same = reference is None
+    data_layout = ShardLayout(shard, engine.device)
+    ref_layout = data_layout if same else ShardLayout(reference_shard, engine.device)
+    ref_batches = Batches(engine, data if same else reference, "data" if same else "reference", ref_layout)
+    total: Optional[Tensor] = None
+    kept_normalizers: list[Tensor] = []
+    with grad_mode_for_autograd():
+        for batch, keep, start in ref_batches:
+            jac = checked_jacobian(engine, batch, ref_batches.name, start)
+            w = inverse_sqrt_psd(jac @ jac.mT, eps)
+            part = torch.einsum("bmk,bkp->mp", w * keep.to(w.dtype)[:, None, None], jac)
+            total = part if total is None else total + part
+            if same:
+                kept_normalizers.append(w)
+        assert total is not None  # iterate_batches refuses empty data
+        total = all_reduce_sum(total)
+        d = total.shape[0]
+        counts = []
+        data_batches = ref_batches if same else Batches(engine, data, "data", data_layout)
+        for i, (batch, _, start) in enumerate(data_batches):
+            if same:
+                w = kept_normalizers[i]
+                directional = engine.jvp(batch, total)  # [d (rows m of S), B, d (outputs k)]
+                counts.append(torch.einsum("bmk,mbk->b", w, directional) / d)
+            else:
+                jac = checked_jacobian(engine, batch, "data", start)
+                _check_dims(jac.shape[1], d)
+                w = inverse_sqrt_psd(jac @ jac.mT, eps)
+                counts.append(torch.einsum("bmk,bkp,mp->b", w, jac, total) / d)
+    return data_layout.gather(torch.cat(counts))
+
+
+def counts_from_similarity(
+    rho: Tensor,
+    *,
+    method: CountMethod = "hard",
+    threshold: float = 0.9,
+    power: float = 2.0,
+    self_mask: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Hard or less-soft neighbor counts from an explicit similarity matrix ``(N, M)``.
+
+    Args:
+        rho: similarities, e.g. from :func:`similarity`.
+        method: ``"hard"`` counts :math:`\rho_{ij} > t`; ``"less_soft"`` sums
+            :math:`\max(\rho_{ij}, 0)^p`.
+        threshold: ``t`` of the hard count.
+        power: ``p`` of the less-soft count.
+        self_mask: ``(N, M)`` boolean, True where ``j`` is ``i`` itself (excluded);
+            default the diagonal of a square matrix.
+
+    Returns:
+        ``(N,)`` counts.
+
+    Example:
+        >>> rho = torch.tensor([[1.0, 0.95, -0.5], [0.95, 1.0, 0.5], [-0.5, 0.5, 1.0]])
+        >>> counts_from_similarity(rho)
+        tensor([1., 1., 0.])
+        >>> counts_from_similarity(rho, method="less_soft")
+        tensor([0.9025, 1.1525, 0.2500])
+    """
+    if method not in _METHODS:
+        raise ValueError(f"Expected `method` to be one of {_METHODS}, but got {method!r}.")
+    if rho.ndim != 2:
+        raise ValueError(f"Expected `rho` to be a 2D tensor of shape [N, M] but got shape {tuple(rho.shape)}.")
+    if self_mask is None:
+        if rho.shape[0] != rho.shape[1]:
+            raise ValueError("Expected `self_mask` for a non-square `rho` (which entries are the example itself).")
+        self_mask = torch.eye(rho.shape[0], dtype=torch.bool, device=rho.device)
+    if method == "hard":
+        values = (rho > threshold).to(rho.dtype)
+    else:
+        values = rho.clamp_min(0).pow(power)
+    return values.masked_fill(self_mask, 0).sum(1)
+
+
+def neighbor_counts(
+    model: nn.Module,
+    data: Any,
+    *,
+    reference: Any = None,
+    method: CountMethod = "hard",
+    threshold: float = 0.9,
+    power: float = 2.0,
+    output_fn: Optional[OutputFn] = None,
+    params: ParamSelection = None,
+    chunk_size: Optional[int] = None,
+    eps: Optional[float] = None,
+    shard: ShardSpec = None,
+    reference_shard: ShardSpec = None,
+) -> Tensor:
+    r"""Hard (:math:`\#\{j \ne i: \rho_{ij} > t\}`) or less-soft neighbor counts, streamed.
+
+    Exact: each block of normalized query Jacobians meets every reference
+    batch in turn, so memory is bounded by a block and a batch (time is
+    quadratic in the data, unlike :func:`soft_density`). The example itself
+    (same global index) is excluded when ``reference`` is ``None``.
+
+    Args:
+        method: ``"hard"`` or ``"less_soft"``; see :func:`counts_from_similarity`.
+        threshold: ``t`` of the hard count.
+        power: ``p`` of the less-soft count.
+        Other arguments as in :func:`soft_density`.
+
+    Returns:
+        ``(N,)`` counts.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> neighbor_counts(net, torch.randn(6, 2), threshold=0.5).shape
+        torch.Size([6])
+    """
+    if method not in _METHODS:
+        raise ValueError(f"Expected `method` to be one of {_METHODS}, but got {method!r}.")
+    check_data(data, "data")
+    if reference is not None:
+        check_data(reference, "reference")
+    engine = JacobianEngine(model, output_fn=output_fn, params=params, chunk_size=chunk_size)
+    same = reference is None
+    data_layout = ShardLayout(shard, engine.device)
+    ref_layout = data_layout if same else ShardLayout(reference_shard, engine.device)
+    data_batches = Batches(engine, data, "data", data_layout)
+    ref_batches = data_batches if same else Batches(engine, reference, "reference", ref_layout)
+
+    def normalized(batch: Any, start: int) -> Tensor:
+        jac = checked_jacobian(engine, batch, "data", start)
+        return (inverse_sqrt_psd(jac @ jac.mT, eps) @ jac).flatten(1)
+
+    def ref_normalized(batch: Any, start: int) -> Tensor:
+        jac = checked_jacobian(engine, batch, ref_batches.name, start)
+        return (inverse_sqrt_psd(jac @ jac.mT, eps) @ jac).flatten(1)
+
+    def accumulate(state: Tensor, q: Tensor, q_index: Tensor, r: Tensor, keep: Tensor, r_index: Tensor) -> Tensor:
+        if q.shape[1] != r.shape[1]:
+            _check_dims(q.shape[1] // engine.num_params, r.shape[1] // engine.num_params)
+        rho = (q @ r.T / (r.shape[1] // engine.num_params)).clamp(-1.0, 1.0)
+        excluded = ~keep[None, :].expand_as(rho)
+        if same:
+            excluded = excluded | (q_index[:, None] == r_index[None, :])
+        return state + counts_from_similarity(rho, method=method, threshold=threshold, power=power, self_mask=excluded)
+
+    with grad_mode_for_autograd():
+        parts = streamed_pairs(
+            data_batches,
+            normalized,
+            ref_batches,
+            ref_normalized,
+            accumulate,
+            init=lambda rows: torch.zeros(rows, device=engine.device, dtype=engine.dtype),
+            reduce=all_reduce_sum,
+            take=lambda state, a, b: state[a:b],
+        )
+    return data_layout.gather(torch.cat(parts))
