@@ -7,26 +7,40 @@ NeurIPS 2019).
 
 from lightning_netsim.__about__ import __version__
 from lightning_netsim.core import (
+    counts_from_similarity,
+    denoising_factor,
     gradient_kernel,
     influence,
     inverse_sqrt_psd,
+    nearest_neighbors,
+    neighbor_consistency,
+    neighbor_counts,
     normalized_jacobian,
     normalizer,
     per_sample_jacobian,
+    predicted_noise,
     select_parameters,
     similarity,
+    soft_density,
 )
 from lightning_netsim.errors import UsageError
 
 __all__ = [
     "UsageError",
     "__version__",
+    "counts_from_similarity",
+    "denoising_factor",
     "gradient_kernel",
     "influence",
     "inverse_sqrt_psd",
+    "nearest_neighbors",
+    "neighbor_consistency",
+    "neighbor_counts",
     "normalized_jacobian",
     "normalizer",
     "per_sample_jacobian",
+    "predicted_noise",
     "select_parameters",
     "similarity",
+    "soft_density",
 ]
