@@ -1,0 +1,81 @@
+"""Soft density: time as ratios to one training epoch, a per-sample loop, and materialized gradients.
+
+All measured side by side in one process (2 CPU cores here):
+- ``epoch``: forward + backward + SGD step over the same N examples, batch 256;
+- ``loop``: the official approach, one backward per sample and output, then
+  ``n_i = Σ_j ρ_ij`` from the gathered normalized gradients (chunked matmul);
+- ``materialized``: ``per_sample_jacobian`` on every batch, kept (N×d×P), then the same dense math.
+
+Run: ``python benchmarks/density.py [--samples 2048]``.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import describe_machine, small_cnn, time_side_by_side  # noqa: E402
+
+from lightning_netsim import normalized_jacobian, per_sample_jacobian, soft_density  # noqa: E402
+
+
+def mlp(d: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, d))
+
+
+def dense_density(jhat: torch.Tensor) -> torch.Tensor:
+    flat = jhat.flatten(1)
+    return flat @ flat.sum(0) / jhat.shape[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    n, b = args.samples, args.batch
+    print(f"soft_density, N={n}, batch {b} ({describe_machine()})")
+    print(f"{'model':>5} {'d':>3} {'P':>7} {'epoch [s]':>10} {'ours/epoch':>11} {'ours/loop':>10} {'ours/materialized':>18}")
+    for name, make, shape in (("mlp", mlp, (32,)), ("cnn", small_cnn, (1, 16, 16))):
+        for d in (1, 10):
+            torch.manual_seed(0)
+            model = make(d).eval()
+            x = torch.randn(n, *shape)
+            batches = [x[i : i + b] for i in range(0, n, b)]
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+            def epoch() -> None:
+                for xb in batches:
+                    opt.zero_grad()
+                    model(xb).square().mean().backward()
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            def loop() -> torch.Tensor:
+                params = list(model.parameters())
+                rows = []
+                for i in range(n):
+                    out = model(x[i : i + 1]).reshape(-1)
+                    grads = [torch.autograd.grad(out[k], params, retain_graph=k + 1 < d) for k in range(d)]
+                    rows.append(torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in grads]))
+                return dense_density(normalized_jacobian(torch.stack(rows)))
+
+            def materialized() -> torch.Tensor:
+                return dense_density(torch.cat([normalized_jacobian(per_sample_jacobian(model, xb)) for xb in batches]))
+
+            ours = lambda: soft_density(model, batches)  # noqa: E731
+            torch.testing.assert_close(ours(), materialized(), rtol=1e-3, atol=1e-2)
+            t = time_side_by_side({"epoch": epoch, "ours": ours, "loop": loop, "materialized": materialized}, args.repeats)
+            p = sum(q.numel() for q in model.parameters())
+            print(
+                f"{name:>5} {d:>3} {p:>7} {t['epoch']:>10.3f} {t['ours'] / t['epoch']:>11.2f} "
+                f"{t['ours'] / t['loop']:>10.3f} {t['ours'] / t['materialized']:>18.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
