@@ -12,7 +12,7 @@ from lightning_netsim.core.data import iterate_batches
 from lightning_netsim.core.distributed import ShardLayout, all_gather_rows, world
 from lightning_netsim.core.jacobians import JacobianEngine, PreparedBatch
 
-__all__ = ["Batches", "checked_jacobian", "streamed_pairs"]
+__all__ = ["Batches", "check_finite", "checked_jacobian", "streamed_pairs"]
 
 
 class Batches:
@@ -50,16 +50,21 @@ class Batches:
             )
 
 
-def checked_jacobian(engine: JacobianEngine, batch: PreparedBatch, name: str, start: int) -> Tensor:
-    """Per-sample Jacobians of a batch, refusing non-finite values with the example's position."""
-    jac = engine.jacobian(batch)
-    bad = (~torch.isfinite(jac)).flatten(1).any(1)
+def check_finite(values: Tensor, name: str, start: int) -> None:
+    """Refuse per-sample values ``(B, ...)`` (outputs, Jacobians, kernels) that are not finite."""
+    bad = (~torch.isfinite(values)).flatten(1).any(1)
     if bad.any():
         first = int(bad.nonzero()[0])
         raise ValueError(
             f"Non-finite outputs or Jacobian for example #{start + first} of `{name}` (position in "
             "iteration order on this rank). Fix: check that input and the model's numerics."
         )
+
+
+def checked_jacobian(engine: JacobianEngine, batch: PreparedBatch, name: str, start: int) -> Tensor:
+    """Per-sample Jacobians of a batch, refusing non-finite values with the example's position."""
+    jac = engine.jacobian(batch)
+    check_finite(jac, name, start)
     return jac
 
 

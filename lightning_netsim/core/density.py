@@ -15,7 +15,8 @@ from typing import Any, Literal, Optional, get_args
 import torch
 from torch import Tensor, nn
 
-from lightning_netsim.core._sweep import Batches, checked_jacobian, streamed_pairs
+from lightning_netsim.core._sweep import Batches, check_finite, checked_jacobian, streamed_pairs
+from lightning_netsim.core.closed_form import LayerwiseKernels
 from lightning_netsim.core.data import check_data
 from lightning_netsim.core.distributed import ShardLayout, ShardSpec, all_reduce_sum
 from lightning_netsim.core.jacobians import JacobianEngine, OutputFn, grad_mode_for_autograd
@@ -51,11 +52,14 @@ def soft_density(
     r"""Soft neighbor count :math:`n_i = \sum_j \rho_{ij}`, in time linear in the data.
 
     With :math:`S = \sum_j \hat J_j` over the reference, :math:`n_i = \langle \hat J_i, S \rangle_F / d`.
-    Sweep 1 over the reference keeps only the :math:`d \times d` normalizers
-    and :math:`S` (``d × P``); sweep 2 gets :math:`J_i S_m` by forward-mode
-    derivatives (or, for a separate reference, from the query Jacobians that
-    its normalizers need anyway). Never builds the ``N × N`` matrix nor the
-    ``N × P`` gradients; memory is one batch of Jacobians plus ``N·d²``.
+    Sweep 1 over the reference gets the :math:`d \times d` normalizers
+    :math:`W_i = K_{ii}^{-1/2}` and :math:`S = \sum_i W_i J_i` (``d × P``) from
+    one forward pass and one backward pass to the layer outputs per batch
+    (all d rows at once), with closed forms per layer where they exist (see
+    :mod:`lightning_netsim.core.closed_form`; other modules use ``torch.func``);
+    sweep 2 gets :math:`J_i S_m` by forward-mode derivatives, vectorized over
+    the d rows of ``S``. Never builds the ``N × N`` matrix nor the ``N × P``
+    gradients; memory is one batch of activations plus ``d·P + N·d²``.
 
     Args:
         model: the network (eval-mode BatchNorm, no training-mode dropout).
@@ -87,6 +91,7 @@ def soft_density(
     if reference is not None:
         check_data(reference, "reference")
     engine = JacobianEngine(model, output_fn=output_fn, params=params, chunk_size=chunk_size)
+    layers = LayerwiseKernels(engine)
     same = reference is None
     data_layout = ShardLayout(shard, engine.device)
     ref_layout = data_layout if same else ShardLayout(reference_shard, engine.device)
@@ -95,12 +100,19 @@ def soft_density(
     kept_normalizers: list[Tensor] = []
     with grad_mode_for_autograd():
         for batch, keep, start in ref_batches:
-            jac = checked_jacobian(engine, batch, ref_batches.name, start)
-            w = inverse_sqrt_psd(jac @ jac.mT, eps)
-            part = torch.einsum("bmk,bkp->mp", w * keep.to(w.dtype)[:, None, None], jac)
+            normalizers: list[Tensor] = []
+
+            def weights(kernel: Tensor, rows: slice, keep: Tensor = keep, start: int = start) -> Tensor:
+                check_finite(kernel, ref_batches.name, start + rows.start)
+                w = inverse_sqrt_psd(kernel, eps)
+                normalizers.append(w)
+                return w * keep[rows].to(w.dtype)[:, None, None]
+
+            out, _, part = layers.compute(batch, weights)
+            check_finite(out, ref_batches.name, start)
             total = part if total is None else total + part
             if same:
-                kept_normalizers.append(w)
+                kept_normalizers.append(torch.cat(normalizers))
         assert total is not None  # iterate_batches refuses empty data
         total = all_reduce_sum(total)
         d = total.shape[0]
@@ -109,13 +121,14 @@ def soft_density(
         for i, (batch, _, start) in enumerate(data_batches):
             if same:
                 w = kept_normalizers[i]
-                directional = engine.jvp(batch, total)  # [d (rows m of S), B, d (outputs k)]
-                counts.append(torch.einsum("bmk,mbk->b", w, directional) / d)
             else:
-                jac = checked_jacobian(engine, batch, "data", start)
-                _check_dims(jac.shape[1], d)
-                w = inverse_sqrt_psd(jac @ jac.mT, eps)
-                counts.append(torch.einsum("bmk,bkp,mp->b", w, jac, total) / d)
+                out, kernel, _ = layers.compute(batch)
+                check_finite(out, "data", start)
+                check_finite(kernel, "data", start)
+                _check_dims(out.shape[1], d)
+                w = inverse_sqrt_psd(kernel, eps)
+            directional = engine.jvp(batch, total)  # [d (rows m of S), B, d (outputs k)]
+            counts.append(torch.einsum("bmk,mbk->b", w, directional) / d)
     return data_layout.gather(torch.cat(counts))
 
 

@@ -161,7 +161,8 @@ class JacobianEngine:
         self.selected = select_parameters(model, params)
         check_per_sample_model(model)
         self.chunk_size = chunk_size
-        self._call = functional_forward(model, self.selected, output_fn or default_output_fn)
+        self.output_fn = output_fn or default_output_fn
+        self._call = functional_forward(model, self.selected, self.output_fn)
         first = next(iter(self.selected.values()))
         self.device, self.dtype = first.device, first.dtype
         self.num_params = sum(p.numel() for p in self.selected.values())
@@ -220,7 +221,10 @@ class JacobianEngine:
         def directional(tangent: dict[str, Tensor]) -> Tensor:
             return jvp(lambda th: self._call(th, inputs), (theta,), (tangent,))[1]
 
-        return self._guard(lambda: vmap(directional)(self.unflatten(tangents.to(self.dtype))))
+        split = self.unflatten(tangents.to(self.dtype))
+        if tangents.shape[0] == 1:  # one tangent: skip vmap's overhead
+            return self._guard(lambda: directional({k: v[0] for k, v in split.items()}).unsqueeze(0))
+        return self._guard(lambda: vmap(directional)(split))
 
 
 def per_sample_jacobian(
