@@ -6,10 +6,18 @@ All measured side by side in one process (2 CPU cores here):
   ``n_i = Σ_j ρ_ij`` from the gathered normalized gradients (chunked matmul);
 - ``materialized``: ``per_sample_jacobian`` on every batch, kept (N×d×P), then the same dense math.
 
-Run: ``python benchmarks/density.py [--samples 2048]``.
+Then peak memory at N = 1k and N = 16k, each in a fresh process: the data are
+generated batch by batch (a re-iterable that holds no examples), so what grows
+with N is the algorithm's own memory. Reported: the process's peak resident
+set, and its increase over the resident set just before the call.
+
+Run: ``python benchmarks/density.py [--samples 2048] [--memory-samples 1000 16000]``.
 """
 
 import argparse
+import json
+import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,16 +39,59 @@ def dense_density(jhat: torch.Tensor) -> torch.Tensor:
     return flat @ flat.sum(0) / jhat.shape[1]
 
 
+MODELS = {"mlp": (mlp, (32,)), "cnn": (small_cnn, (1, 16, 16))}
+
+
+class GeneratedBatches:
+    """``n`` examples in batches, generated on the fly from a seed: nothing is held between sweeps."""
+
+    def __init__(self, n: int, batch: int, shape: tuple[int, ...]) -> None:
+        self.n, self.batch, self.shape = n, batch, shape
+
+    def __iter__(self):
+        for i, start in enumerate(range(0, self.n, self.batch)):
+            gen = torch.Generator().manual_seed(i)
+            yield torch.randn(min(self.batch, self.n - start), *self.shape, generator=gen)
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def memory_child(name: str, d: int, n: int, batch: int) -> None:
+    """Run in a fresh process: peak resident memory of one ``soft_density`` call."""
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = make(d).eval()
+    soft_density(model, GeneratedBatches(batch, batch, shape))  # load kernels before measuring
+    before = _resident_mb()
+    soft_density(model, GeneratedBatches(n, batch, shape))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"before": before, "peak": peak}))
+
+
+def measure_memory(name: str, d: int, n: int, batch: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--memory-child", name, str(d), str(n), "--batch", str(batch)]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--memory-samples", type=int, nargs=2, default=(1000, 16000))
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        name, d, n = args.memory_child
+        memory_child(name, int(d), int(n), args.batch)
+        return
     n, b = args.samples, args.batch
     print(f"soft_density, N={n}, batch {b} ({describe_machine()})")
     print(f"{'model':>5} {'d':>3} {'P':>7} {'epoch [s]':>10} {'ours/epoch':>11} {'ours/loop':>10} {'ours/materialized':>18}")
-    for name, make, shape in (("mlp", mlp, (32,)), ("cnn", small_cnn, (1, 16, 16))):
+    for name, (make, shape) in MODELS.items():
         for d in (1, 10):
             torch.manual_seed(0)
             model = make(d).eval()
@@ -74,6 +125,18 @@ def main() -> None:
             print(
                 f"{name:>5} {d:>3} {p:>7} {t['epoch']:>10.3f} {t['ours'] / t['epoch']:>11.2f} "
                 f"{t['ours'] / t['loop']:>10.3f} {t['ours'] / t['materialized']:>18.3f}"
+            )
+
+    small, large = args.memory_samples
+    print(f"\npeak memory of soft_density, N={small} vs N={large} (fresh process each; data generated per batch)")
+    print(f"{'model':>5} {'d':>3} {'peak MB (small)':>16} {'peak MB (large)':>16} {'peak ratio':>11} {'extra MB (small)':>17} {'extra MB (large)':>17}")
+    for name in MODELS:
+        for d in (1, 10):
+            a, b = (measure_memory(name, d, n, args.batch) for n in (small, large))
+            extra_a, extra_b = a["peak"] - a["before"], b["peak"] - b["before"]
+            print(
+                f"{name:>5} {d:>3} {a['peak']:>16.1f} {b['peak']:>16.1f} {b['peak'] / a['peak']:>11.3f} "
+                f"{extra_a:>17.1f} {extra_b:>17.1f}"
             )
 
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_netsim import denoising_factor, nearest_neighbors, neighbor_consistency, neighbor_counts, soft_density
+from lightning_netsim.metrics import DenoisingFactor, SoftDensity
 
 N = 11
 
@@ -24,8 +25,12 @@ def _data() -> torch.Tensor:
     return torch.randn(N, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
 
 
-def _statistics(data, shard) -> dict[str, torch.Tensor]:
+def _statistics(data, shard, indices=None) -> dict[str, torch.Tensor]:
     model, queries = _model(), _data()[:3]
+    metrics = {"metric_soft": SoftDensity(model, batch_size=4), "metric_denoising": DenoisingFactor(model)}
+    for metric in metrics.values():
+        for i, batch in enumerate(data):
+            metric.update(batch, indices=None if indices is None else indices[i])
     # Every rank holds the same 3 queries: global indices make them count once.
     query_shard = None if shard is None else torch.arange(3)
     sims, index = nearest_neighbors(model, queries, data, k=4, shard=shard, query_shard=query_shard)
@@ -37,6 +42,7 @@ def _statistics(data, shard) -> dict[str, torch.Tensor]:
         "consistency": neighbor_consistency(model, data, shard=shard),
         "nn_sims": sims,
         "nn_index": index.double(),
+        **{name: metric.compute() for name, metric in metrics.items()},
     }
 
 
@@ -47,9 +53,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         x = _data()
         # DistributedSampler layout without shuffling: pads by repeating the first examples.
         sampler = torch.utils.data.DistributedSampler(range(N), num_replicas=world, rank=rank, shuffle=False)
-        local = x[list(sampler)]
+        order = torch.tensor(list(sampler))
+        local = x[order]
         batches = [local[i : i + 2] for i in range(0, len(local), 2)]
-        results = _statistics(batches, shard=N)
+        results = _statistics(batches, shard=N, indices=[order[i : i + 2] for i in range(0, len(local), 2)])
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()

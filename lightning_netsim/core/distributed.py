@@ -16,15 +16,47 @@ How ranks hold their examples is described by a *shard spec*:
   order; an index seen more than once (on any rank) counts once.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ShardLayout", "ShardSpec", "all_gather_rows", "all_reduce_sum", "gather_examples", "world"]
+__all__ = [
+    "ShardLayout",
+    "ShardSpec",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "gather_examples",
+    "replicated",
+    "world",
+]
 
 ShardSpec = Union[None, int, Tensor]
+
+_REPLICATED: ContextVar[bool] = ContextVar("lightning_netsim_replicated", default=False)
+
+
+@contextmanager
+def replicated() -> Iterator[None]:
+    """Treat the data as whole on every rank: inside, the statistics run no collectives.
+
+    For callers that have gathered the data themselves (e.g. torchmetrics'
+    state synchronization), so that each rank computes on all of it.
+
+    Example:
+        >>> with replicated():
+        ...     world()
+        (0, 1)
+    """
+    token = _REPLICATED.set(True)
+    try:
+        yield
+    finally:
+        _REPLICATED.reset(token)
 
 
 def world() -> tuple[int, int]:
@@ -34,7 +66,7 @@ def world() -> tuple[int, int]:
         >>> world()
         (0, 1)
     """
-    if dist.is_available() and dist.is_initialized():
+    if not _REPLICATED.get() and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
