@@ -106,6 +106,12 @@ class _AffineTerms(LayerTerms):
     def kernel(self) -> Tensor:
         d, b, t, o = self.g.shape
         i = self.a.shape[2]
+        if t == 1:  # one position: K_ii = (‖a‖² + [bias]) · g gᵀ
+            g = self.g[:, :, 0].transpose(0, 1)  # (B, d, O)
+            scale = self.a[:, 0].square().sum(1) if "weight" in self.attrs else self.a.new_zeros(b)
+            if "bias" in self.attrs:
+                scale = scale + 1
+            return scale[:, None, None] * (g @ g.mT)
         total = self.a.new_zeros(b, d, d)
         if "weight" in self.attrs:
             explicit = d * t * o * i + d * d * o * i
@@ -121,6 +127,13 @@ class _AffineTerms(LayerTerms):
 
     def weighted(self, w: Tensor) -> dict[str, Tensor]:
         out = {}
+        if self.g.shape[2] == 1:  # one position: plain matrix products
+            gw = torch.bmm(w, self.g[:, :, 0].transpose(0, 1))  # (B, m, O)
+            if "weight" in self.attrs:
+                out["weight"] = (gw.permute(1, 2, 0) @ self.a[:, 0]).reshape(-1, *self.shape)
+            if "bias" in self.attrs:
+                out["bias"] = gw.sum(0)
+            return out
         if "weight" in self.attrs:
             if self.per_sample is not None:
                 weight = torch.einsum("bmk,bkoi->moi", w, self.per_sample)
