@@ -18,12 +18,12 @@ from torch import Tensor, nn
 from lightning_netsim.core._sweep import Batches, check_finite, checked_jacobian, streamed_pairs
 from lightning_netsim.core.closed_form import LayerwiseKernels
 from lightning_netsim.core.data import check_data
-from lightning_netsim.core.distributed import ShardLayout, ShardSpec, all_reduce_sum
-from lightning_netsim.core.jacobians import JacobianEngine, OutputFn, grad_mode_for_autograd
+from lightning_netsim.core.distributed import ShardLayout, ShardSpec, all_reduce_max, all_reduce_sum
+from lightning_netsim.core.jacobians import JacobianEngine, OutputFn, PreparedBatch, grad_mode_for_autograd
 from lightning_netsim.core.kernels import inverse_sqrt_psd
 from lightning_netsim.core.parameters import ParamSelection
 
-__all__ = ["CountMethod", "counts_from_similarity", "neighbor_counts", "soft_density"]
+__all__ = ["CountMethod", "DensityAccumulator", "counts_from_similarity", "neighbor_counts", "soft_density"]
 
 CountMethod = Literal["hard", "less_soft"]
 _METHODS: tuple[str, ...] = get_args(CountMethod)
@@ -90,46 +90,128 @@ def soft_density(
     check_data(data, "data")
     if reference is not None:
         check_data(reference, "reference")
-    engine = JacobianEngine(model, output_fn=output_fn, params=params, chunk_size=chunk_size)
-    layers = LayerwiseKernels(engine)
+    state = DensityAccumulator(model, output_fn=output_fn, params=params, chunk_size=chunk_size, eps=eps)
     same = reference is None
-    data_layout = ShardLayout(shard, engine.device)
-    ref_layout = data_layout if same else ShardLayout(reference_shard, engine.device)
-    ref_batches = Batches(engine, data if same else reference, "data" if same else "reference", ref_layout)
-    total: Optional[Tensor] = None
+    data_layout = ShardLayout(shard, state.engine.device)
+    ref_layout = data_layout if same else ShardLayout(reference_shard, state.engine.device)
+    ref_batches = Batches(state.engine, data if same else reference, "data" if same else "reference", ref_layout)
     kept_normalizers: list[Tensor] = []
     with grad_mode_for_autograd():
         for batch, keep, start in ref_batches:
-            normalizers: list[Tensor] = []
-
-            def weights(kernel: Tensor, rows: slice, keep: Tensor = keep, start: int = start) -> Tensor:
-                check_finite(kernel, ref_batches.name, start + rows.start)
-                w = inverse_sqrt_psd(kernel, eps)
-                normalizers.append(w)
-                return w * keep[rows].to(w.dtype)[:, None, None]
-
-            out, _, part = layers.compute(batch, weights)
-            check_finite(out, ref_batches.name, start)
-            total = part if total is None else total + part
+            w = state.add_prepared(batch, keep, name=ref_batches.name, start=start)
             if same:
-                kept_normalizers.append(torch.cat(normalizers))
-        assert total is not None  # iterate_batches refuses empty data
-        total = all_reduce_sum(total)
-        d = total.shape[0]
+                kept_normalizers.append(w)
+        state.reduce()
         counts = []
-        data_batches = ref_batches if same else Batches(engine, data, "data", data_layout)
+        data_batches = ref_batches if same else Batches(state.engine, data, "data", data_layout)
         for i, (batch, _, start) in enumerate(data_batches):
-            if same:
-                w = kept_normalizers[i]
-            else:
-                out, kernel, _ = layers.compute(batch)
-                check_finite(out, "data", start)
-                check_finite(kernel, "data", start)
-                _check_dims(out.shape[1], d)
-                w = inverse_sqrt_psd(kernel, eps)
-            directional = engine.jvp(batch, total)  # [d (rows m of S), B, d (outputs k)]
-            counts.append(torch.einsum("bmk,mbk->b", w, directional) / d)
+            w = kept_normalizers[i] if same else None
+            counts.append(state.count_prepared(batch, w, name="data", start=start))
     return data_layout.gather(torch.cat(counts))
+
+
+class DensityAccumulator:
+    r"""The two sweeps of :func:`soft_density`, one batch at a time, for callers that stream data.
+
+    Sweep 1: :meth:`add` each reference batch (it returns the batch's
+    normalizers :math:`W_i = K_{ii}^{-1/2}` for later); then :meth:`reduce`
+    once (sums :math:`S` over ranks: a collective). Sweep 2: :meth:`count` each
+    query batch, with its normalizers when they are known.
+
+    Args:
+        model, output_fn, params, chunk_size, eps: as in :func:`soft_density`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x = torch.randn(10, 2)
+        >>> acc = DensityAccumulator(net)
+        >>> ws = [acc.add(part) for part in x.split(4)]
+        >>> acc.reduce()
+        >>> n = torch.cat([acc.count(part, w) for part, w in zip(x.split(4), ws)])
+        >>> torch.allclose(n, soft_density(net, x), atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        output_fn: Optional[OutputFn] = None,
+        params: ParamSelection = None,
+        chunk_size: Optional[int] = None,
+        eps: Optional[float] = None,
+    ) -> None:
+        self.engine = JacobianEngine(model, output_fn=output_fn, params=params, chunk_size=chunk_size)
+        self.layers = LayerwiseKernels(self.engine)
+        self.eps = eps
+        self.total: Optional[Tensor] = None
+        self.reduced = False
+
+    def normalizers(self, batch: Any, *, name: str = "data", start: int = 0) -> Tensor:
+        """``(B, d, d)`` normalizers of a batch, without adding it to the reference."""
+        with grad_mode_for_autograd():
+            prepared = self.engine.prepare(batch, name)
+            out, kernel, _ = self.layers.compute(prepared)
+        check_finite(out, name, start)
+        check_finite(kernel, name, start)
+        return inverse_sqrt_psd(kernel, self.eps)
+
+    def add(self, batch: Any, keep: Optional[Tensor] = None, *, name: str = "reference", start: int = 0) -> Tensor:
+        """Add a reference batch (the examples where ``keep`` is True) to :math:`S`; return its normalizers."""
+        with grad_mode_for_autograd():
+            return self.add_prepared(self.engine.prepare(batch, name), keep, name=name, start=start)
+
+    def add_prepared(self, batch: PreparedBatch, keep: Optional[Tensor], *, name: str, start: int) -> Tensor:
+        if self.reduced:
+            raise RuntimeError("`DensityAccumulator.add` was called after `reduce`.")
+        normalizers: list[Tensor] = []
+
+        def weights(kernel: Tensor, rows: slice) -> Tensor:
+            check_finite(kernel, name, start + rows.start)
+            w = inverse_sqrt_psd(kernel, self.eps)
+            normalizers.append(w)
+            return w if keep is None else w * keep[rows].to(w.dtype)[:, None, None]
+
+        with grad_mode_for_autograd():
+            out, _, part = self.layers.compute(batch, weights)
+        check_finite(out, name, start)
+        assert part is not None
+        if self.total is not None and part.shape[0] != self.total.shape[0]:
+            _check_dims(part.shape[0], self.total.shape[0])
+        self.total = part if self.total is None else self.total + part
+        return torch.cat(normalizers)
+
+    def reduce(self) -> None:
+        """Sum :math:`S` over ranks (every rank must call it, with or without batches)."""
+        local_d = 0 if self.total is None else self.total.shape[0]
+        d = int(all_reduce_max(torch.tensor([local_d], device=self.engine.device)).item())
+        if d == 0:
+            raise ValueError("Expected at least one reference example, but no rank added any.")
+        if self.total is None:
+            self.total = torch.zeros(d, self.engine.num_params, device=self.engine.device, dtype=self.engine.dtype)
+        self.total = all_reduce_sum(self.total)
+        self.reduced = True
+
+    def count(self, batch: Any, normalizers: Optional[Tensor] = None, *, name: str = "data", start: int = 0) -> Tensor:
+        """``(B,)`` soft counts of a query batch against the reduced reference."""
+        with grad_mode_for_autograd():
+            return self.count_prepared(self.engine.prepare(batch, name), normalizers, name=name, start=start)
+
+    def count_prepared(
+        self, batch: PreparedBatch, normalizers: Optional[Tensor], *, name: str, start: int
+    ) -> Tensor:
+        if not self.reduced or self.total is None:
+            raise RuntimeError("`DensityAccumulator.count` needs `reduce` first.")
+        d = self.total.shape[0]
+        if normalizers is None:
+            with grad_mode_for_autograd():
+                out, kernel, _ = self.layers.compute(batch)
+            check_finite(out, name, start)
+            check_finite(kernel, name, start)
+            _check_dims(out.shape[1], d)
+            normalizers = inverse_sqrt_psd(kernel, self.eps)
+        directional = self.engine.jvp(batch, self.total)  # [d (rows m of S), B, d (outputs k)]
+        return torch.einsum("bmk,mbk->b", normalizers, directional) / d
 
 
 def counts_from_similarity(

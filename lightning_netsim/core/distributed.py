@@ -29,6 +29,7 @@ __all__ = [
     "ShardLayout",
     "ShardSpec",
     "all_gather_rows",
+    "all_reduce_max",
     "all_reduce_sum",
     "gather_examples",
     "replicated",
@@ -76,6 +77,14 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     out = tensor.clone()
     if world()[1] > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """Elementwise maximum over ranks (a new tensor)."""
+    out = tensor.clone()
+    if world()[1] > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
 
 
