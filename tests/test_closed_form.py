@@ -47,6 +47,16 @@ class _Tokens(nn.Module):
         return self.head(torch.tanh(self.lin(self.norm(self.emb(idx)))).mean(1))
 
 
+def _eval_bn(model: nn.Module) -> nn.Module:
+    """Give BatchNorm layers non-trivial running statistics, then switch to eval mode."""
+    with torch.no_grad():
+        for _ in range(3):
+            first = next(model.modules())[0]
+            shape = (16, first.in_features) if isinstance(first, nn.Linear) else (16, first.in_channels, *([5, 5] if isinstance(first, nn.Conv2d) else [9]))
+            model(torch.randn(*shape, dtype=torch.float64) * 2 + 1)
+    return model.eval()
+
+
 def _img(*shape):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
@@ -64,6 +74,10 @@ CASES = {
     "conv1d": (lambda: _seq(nn.Conv1d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv1d(4, 2, 2, stride=2), nn.Flatten(), nn.Linear(8, 2)), lambda: _img(4, 2, 9)),
     "groupnorm": (lambda: _seq(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 2)), lambda: _img(4, 2, 5, 5)),
     "layernorm-2d-shape": (lambda: _seq(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.LayerNorm((2, 3)), nn.Flatten(), nn.Linear(6, 2)), lambda: _img(5, 4)),
+    "batchnorm2d-eval": (lambda: _eval_bn(_seq(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 2))), lambda: _img(4, 2, 5, 5)),
+    "batchnorm1d-eval": (lambda: _eval_bn(_seq(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))), lambda: _img(5, 4)),
+    "batchnorm1d-seq-eval": (lambda: _eval_bn(_seq(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(21, 3))), lambda: _img(5, 2, 9)),
+    "batchnorm3d-eval": (lambda: _eval_bn(_seq(nn.Linear(4, 8), nn.Unflatten(1, (2, 1, 2, 2)), nn.BatchNorm3d(2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 2))), lambda: _img(5, 4)),
     "embedding": (lambda: _Tokens(), lambda: torch.randint(0, 12, (5, 4), generator=torch.Generator().manual_seed(1))),
     "embedding-padding": (lambda: _Tokens(padding_idx=0), lambda: torch.randint(0, 4, (5, 4), generator=torch.Generator().manual_seed(1))),
     "embedding-d1": (lambda: _Tokens(d=1), lambda: torch.randint(0, 12, (5, 6), generator=torch.Generator().manual_seed(2))),

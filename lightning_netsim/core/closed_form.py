@@ -14,7 +14,8 @@ ordinary backward with the gradients ``g`` weighted. One forward pass and one
 backward to the layer outputs (all d rows at once) give both; no per-sample
 Jacobian of the whole model is ever built.
 
-Layers with a closed form are listed in :data:`CLOSED_FORMS`. Any other
+Layers with a closed form (Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm,
+and BatchNorm with running statistics) are listed in :data:`CLOSED_FORMS`. Any other
 module with selected parameters (and any registered one used in a way the
 closed form does not cover) is handled by the generic ``torch.func`` path,
 per module, so every model works. On the first batch the closed forms are
@@ -278,6 +279,23 @@ class _GroupNormRule(_NormRule):
         return values.sum(spatial) if spatial else values
 
 
+class _BatchNormRule(_NormRule):
+    """BatchNorm with running statistics (eval mode): a fixed per-channel affine map of the input."""
+
+    def supports(self, module: nn.Module) -> bool:
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        return not module.training and module.running_mean is not None and module.running_var is not None
+
+    def normalized(self, module: nn.Module, a: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (a.ndim - 2)
+        mean, var = module.running_mean.view(shape), module.running_var.view(shape)  # type: ignore[union-attr]
+        return (a - mean) / torch.sqrt(var + module.eps)
+
+    def reduce(self, module: nn.Module, values: Tensor) -> Tensor:
+        spatial = tuple(range(3, values.ndim))
+        return values.sum(spatial) if spatial else values
+
+
 CLOSED_FORMS: dict[type, ClosedFormRule] = {
     nn.Linear: _LinearRule(),
     nn.Conv1d: _ConvRule(1),
@@ -285,6 +303,9 @@ CLOSED_FORMS: dict[type, ClosedFormRule] = {
     nn.Embedding: _EmbeddingRule(),
     nn.LayerNorm: _LayerNormRule(),
     nn.GroupNorm: _GroupNormRule(),
+    nn.BatchNorm1d: _BatchNormRule(),
+    nn.BatchNorm2d: _BatchNormRule(),
+    nn.BatchNorm3d: _BatchNormRule(),
 }
 """Module types (exact, not subclasses: those may change ``forward``) with a closed form."""
 
