@@ -49,6 +49,7 @@ class _Calls:
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    output_versions: list[int] = field(default_factory=list)
     broken: bool = False
 
 
@@ -343,6 +344,8 @@ class LayerwiseKernels:
             self.registered.append(_Registered(module, rule, [a for a, _ in own], [name_of[id(p)] for _, p in own]))
         self._fallback_engine: Optional[JacobianEngine] = None
         self._update_fallback()
+        self._clone_outputs = False  # set once an output is seen changed in place
+        self._changed_in_place = False
 
     @property
     def fallback_names(self) -> list[str]:
@@ -378,7 +381,9 @@ class LayerwiseKernels:
             seen.inputs.append(a.detach())
             seen.versions.append(a._version)
             seen.outputs.append(output)
-            return output.clone()  # later in-place ops must not change what we differentiate by
+            seen.output_versions.append(output._version)
+            # Later in-place ops (ReLU(inplace=True)) must not change what we differentiate by.
+            return output.clone() if self._clone_outputs else None
 
         handles: list[RemovableHandle] = [r.module.register_forward_hook(hook) for r in self.registered]
         try:
@@ -390,6 +395,8 @@ class LayerwiseKernels:
         for seen in calls.values():
             if any(a._version != v for a, v in zip(seen.inputs, seen.versions)):
                 seen.broken = True  # an input was changed in place after the layer used it
+            if any(t._version != v for t, v in zip(seen.outputs, seen.output_versions)):
+                self._changed_in_place = True
         return out, calls
 
     def _output_grads(self, out: Tensor, calls: dict[int, _Calls]) -> dict[int, list[Tensor]]:
@@ -453,6 +460,9 @@ class LayerwiseKernels:
         while True:
             with torch.enable_grad(), torch.inference_mode(False):
                 out, calls = self._capture(batch)
+                if self._changed_in_place and not self._clone_outputs:
+                    self._clone_outputs = True  # copy layer outputs from now on, and redo this batch
+                    continue
                 broken = {key for key, seen in calls.items() if seen.broken}
                 if broken:
                     self._demote(broken)
