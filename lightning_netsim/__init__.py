@@ -6,6 +6,7 @@ NeurIPS 2019).
 """
 
 from lightning_netsim.__about__ import __version__
+from lightning_netsim.callbacks import DensityMonitor
 from lightning_netsim.core import (
     counts_from_similarity,
     denoising_factor,
@@ -26,6 +27,7 @@ from lightning_netsim.core import (
 from lightning_netsim.errors import UsageError
 
 __all__ = [
+    "DensityMonitor",
     "UsageError",
     "__version__",
     "counts_from_similarity",
