@@ -257,6 +257,13 @@ class NetsimMonitor(Callback):
             )
         return writers if trainer.is_global_zero else []
 
+    def flush(self, trainer: "pl.Trainer") -> None:
+        """Write TensorBoard events now (rank 0): a spawned process may end before the logger flushes."""
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.flush()
+
     def progress(self, trainer: "pl.Trainer", total: int, desc: str) -> Any:
         """Lightning's tqdm bar for an epoch-end sweep, or a no-op when bars are off or on other ranks."""
         if trainer.progress_bar_callback is None or not trainer.is_global_zero:

@@ -141,3 +141,4 @@ class DensityMonitor(NetsimMonitor):
         self.log_scalars(trainer, scalars)
         for writer in self.tensorboards(trainer, "histograms"):
             writer.add_histogram(f"{self.prefix}/density", density.detach().cpu(), trainer.global_step)
+        self.flush(trainer)

@@ -9,7 +9,16 @@ from torch import Tensor, nn
 from lightning_netsim.core.batch import Batch
 from lightning_netsim.core.jacobians import OutputFn, default_output_fn
 
-__all__ = ["OUTPUT_CHOICES", "OutputChoice", "find_labels", "make_output_fn", "target_projection"]
+__all__ = [
+    "OUTPUT_CHOICES",
+    "OutputChoice",
+    "PredictedOutput",
+    "RandomProjection",
+    "TargetOutput",
+    "find_labels",
+    "make_output_fn",
+    "target_projection",
+]
 
 OUTPUT_CHOICES = ("full", "target", "predicted", "random")
 OutputChoice = Union[str, Callable[[nn.Module, Any], Tensor]]
@@ -82,32 +91,48 @@ def make_output_fn(output: OutputChoice, *, seed: int = 0) -> Optional[OutputFn]
     if output == "full":
         return None
     if output == "target":
-
-        def target(model: nn.Module, batch: Batch) -> Tensor:
-            labels = find_labels(batch)
-            if labels is None:
-                raise ValueError(
-                    "Expected `output=\"target\"` batches to carry integer labels (a tuple `(x, y)` or a "
-                    "dict with key 'y', 'label(s)' or 'target(s)'). Fix: use `output=\"predicted\"`."
-                )
-            return target_projection(_logits(model, batch), labels)
-
-        return target
+        return TargetOutput()
     if output == "predicted":
+        return PredictedOutput()
+    return RandomProjection(seed)
 
-        def predicted(model: nn.Module, batch: Batch) -> Tensor:
-            logits = _logits(model, batch)
-            return target_projection(logits, logits.detach().argmax(1))
 
-        return predicted
-    directions: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+class TargetOutput:
+    """``output_fn``: :func:`target_projection` of the outputs with the batch's labels (picklable)."""
 
-    def random(model: nn.Module, batch: Batch) -> Tensor:
+    def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
+        labels = find_labels(batch)
+        if labels is None:
+            raise ValueError(
+                "Expected `output=\"target\"` batches to carry integer labels (a tuple `(x, y)` or a "
+                "dict with key 'y', 'label(s)' or 'target(s)'). Fix: use `output=\"predicted\"`."
+            )
+        return target_projection(_logits(model, batch), labels)
+
+
+class PredictedOutput:
+    """``output_fn``: :func:`target_projection` with the predicted class (picklable)."""
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
+        logits = _logits(model, batch)
+        return target_projection(logits, logits.detach().argmax(1))
+
+
+class RandomProjection:
+    """``output_fn``: the outputs projected on a fixed random unit vector drawn from ``seed`` (picklable).
+
+    The vector comes from its own generator: the global RNG is never touched.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._directions: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
         logits = _logits(model, batch)
         key = (logits.shape[1], logits.dtype, logits.device)
-        if key not in directions:
-            v = torch.randn(logits.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-            directions[key] = (v / v.norm()).to(dtype=logits.dtype, device=logits.device)
-        return logits @ directions[key]
-
-    return random
+        if key not in self._directions:
+            gen = torch.Generator().manual_seed(self.seed)
+            v = torch.randn(logits.shape[1], generator=gen, dtype=torch.float64)
+            self._directions[key] = (v / v.norm()).to(dtype=logits.dtype, device=logits.device)
+        return logits @ self._directions[key]

@@ -1,0 +1,38 @@
+"""Two CPU processes (gloo, ddp_spawn) log the same density as one, with 101 validation examples."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from lightning_netsim import DensityMonitor
+from tests.lightning_helpers import BlobData, Classifier, read_events, trainer_kwargs
+
+
+def _validate(tmp_path, name: str, devices: int, max_samples: int) -> dict:
+    torch.manual_seed(0)
+    model = Classifier()
+    logger = TensorBoardLogger(str(tmp_path), name=name)
+    extra = {"strategy": "ddp_spawn"} if devices > 1 else {}
+    trainer = pl.Trainer(
+        callbacks=[DensityMonitor(max_samples=max_samples, output="target")],
+        logger=logger,
+        **trainer_kwargs(tmp_path, devices=devices, **extra),
+    )
+    trainer.validate(model, datamodule=BlobData(n_val=101, batch_size=8), verbose=False)
+    scalars, histograms = read_events(tmp_path / name)  # the main process would pick a new version
+    return {"scalars": {k: v for k, v in scalars.items() if k.startswith("netsim")}, "histograms": histograms}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_samples", [1024, 50])
+def test_two_processes_log_what_one_process_logs(tmp_path, max_samples):
+    one = _validate(tmp_path, "one", 1, max_samples)
+    two = _validate(tmp_path, "two", 2, max_samples)
+    assert one["scalars"].keys() == two["scalars"].keys() and "netsim/density/class_2" in one["scalars"]
+    for tag, values in one["scalars"].items():
+        assert len(values) == len(two["scalars"][tag]) == 1, tag
+        assert two["scalars"][tag][0][1] == pytest.approx(values[0][1], rel=1e-5, abs=1e-6), tag
+    h1, h2 = one["histograms"]["netsim/density"][0].histogram_value, two["histograms"]["netsim/density"][0].histogram_value
+    assert h1.num == h2.num == min(101, max_samples)
+    assert h2.sum == pytest.approx(h1.sum, rel=1e-5)
