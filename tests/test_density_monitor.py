@@ -167,3 +167,13 @@ def test_params_selects_a_submodule(tmp_path):
     scalars, _ = read_events(trainer.logger.log_dir)
     expected = soft_density(model, val_tensor(limit=30), params=model.net[3])
     assert scalars["netsim/density/mean"][0][1] == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_progress_bar_for_the_epoch_end_sweep(tmp_path, capsys):
+    trainer = pl.Trainer(
+        callbacks=[DensityMonitor(max_samples=40)],
+        logger=TensorBoardLogger(str(tmp_path), name="tb"),
+        **trainer_kwargs(tmp_path, enable_progress_bar=True),
+    )
+    trainer.validate(Classifier(), datamodule=BlobData(), verbose=False)
+    assert "netsim: density" in capsys.readouterr().err

@@ -32,7 +32,8 @@ def test_two_processes_log_what_one_process_logs(tmp_path, max_samples):
     assert one["scalars"].keys() == two["scalars"].keys() and "netsim/density/class_2" in one["scalars"]
     for tag, values in one["scalars"].items():
         assert len(values) == len(two["scalars"][tag]) == 1, tag
-        assert two["scalars"][tag][0][1] == pytest.approx(values[0][1], rel=1e-5, abs=1e-6), tag
+        # float32 sums in another order: densities are O(N) sums of cosines
+        assert two["scalars"][tag][0][1] == pytest.approx(values[0][1], rel=1e-5, abs=1e-4), (tag, values, two["scalars"][tag])
     h1, h2 = one["histograms"]["netsim/density"][0].histogram_value, two["histograms"]["netsim/density"][0].histogram_value
     assert h1.num == h2.num == min(101, max_samples)
     assert h2.sum == pytest.approx(h1.sum, rel=1e-5)
