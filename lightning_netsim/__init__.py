@@ -7,6 +7,8 @@ NeurIPS 2019).
 
 from lightning_netsim.__about__ import __version__
 from lightning_netsim.callbacks import DensityMonitor
+from lightning_netsim.core.enforcement import pair_similarity, similarity_loss
+from lightning_netsim.mixin import SimilarityMixin
 from lightning_netsim.core import (
     counts_from_similarity,
     denoising_factor,
@@ -28,6 +30,7 @@ from lightning_netsim.errors import UsageError
 
 __all__ = [
     "DensityMonitor",
+    "SimilarityMixin",
     "UsageError",
     "__version__",
     "counts_from_similarity",
@@ -40,9 +43,11 @@ __all__ = [
     "neighbor_counts",
     "normalized_jacobian",
     "normalizer",
+    "pair_similarity",
     "per_sample_jacobian",
     "predicted_noise",
     "select_parameters",
     "similarity",
+    "similarity_loss",
     "soft_density",
 ]
