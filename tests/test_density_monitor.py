@@ -99,7 +99,7 @@ def test_every_n_epochs_and_resume_continue_the_schedule(tmp_path):
     resumed = DensityMonitor(every_n_epochs=2, max_samples=16)
     pl.seed_everything(0)
     logger = TensorBoardLogger(str(tmp_path), name="resumed")
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt2"), save_last=True)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     trainer = pl.Trainer(
         callbacks=[resumed, ckpt], logger=logger, **trainer_kwargs(tmp_path, max_epochs=4, enable_checkpointing=True)
     )
