@@ -3,7 +3,9 @@
 Step = forward + cross-entropy (+ λ·similarity_loss of the batch and an
 augmented copy) + backward + SGD step. Modes: ``pair`` (per-example Jacobians,
 target-class output, d = 1), ``pair`` with all 10 outputs, and ``batch`` (the
-official form). Run: ``python benchmarks/similarity_loss.py [--repeats 5]``.
+official form); and, for scale, the bare double-backprop cost of the batch
+form without any normalization (two ``create_graph`` gradients and their inner
+product). Run: ``python benchmarks/similarity_loss.py [--repeats 5]``.
 """
 
 import argparse
@@ -42,9 +44,18 @@ def main() -> None:
 
         return run
 
+    params = list(model.parameters())
+
+    def floor() -> torch.Tensor:
+        """The bare cost of the batch form: two create_graph gradients and their inner product (no normalization)."""
+        ga = torch.autograd.grad(model(x).gather(1, y[:, None]).mean(), params, create_graph=True)
+        gb = torch.autograd.grad(model(x_aug).gather(1, y[:, None]).mean(), params, create_graph=True)
+        return sum((u * v).sum() for u, v in zip(ga, gb))  # type: ignore[return-value]
+
     t = time_side_by_side(
         {
             "plain": steps(None),
+            "double-backprop floor": steps(floor),
             "pair, target (d=1)": steps(lambda: similarity_loss(model, x, x_aug, targets=y, output="target")),
             "pair, full (d=10)": steps(lambda: similarity_loss(model, x, x_aug)),
             "batch, target (d=1)": steps(lambda: similarity_loss(model, x, x_aug, targets=y, output="target", mode="batch")),

@@ -103,7 +103,8 @@ def test_every_n_epochs_and_resume_continue_the_schedule(tmp_path):
     trainer = pl.Trainer(
         callbacks=[resumed, ckpt], logger=logger, **trainer_kwargs(tmp_path, max_epochs=4, enable_checkpointing=True)
     )
-    trainer.fit(Classifier(), datamodule=BlobData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    with pytest.warns(UserWarning, match="exists and is not empty"):  # the directory of the first run
+        trainer.fit(Classifier(), datamodule=BlobData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     scalars, _ = read_events(logger.log_dir)
     assert len(scalars["netsim/density/mean"]) == 1  # epoch 3 only
     assert resumed.state_dict() == {"runs": 2, "last_epoch": 3}
