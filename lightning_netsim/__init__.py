@@ -6,9 +6,10 @@ NeurIPS 2019).
 """
 
 from lightning_netsim.__about__ import __version__
-from lightning_netsim.callbacks import DensityMonitor
+from lightning_netsim.callbacks import DenoisingMonitor, DensityMonitor, NeighborMonitor
 from lightning_netsim.core.enforcement import pair_similarity, similarity_loss
 from lightning_netsim.mixin import SimilarityMixin
+from lightning_netsim.core.neighbors import class_similarity
 from lightning_netsim.core import (
     counts_from_similarity,
     denoising_factor,
@@ -29,10 +30,13 @@ from lightning_netsim.core import (
 from lightning_netsim.errors import UsageError
 
 __all__ = [
+    "DenoisingMonitor",
     "DensityMonitor",
+    "NeighborMonitor",
     "SimilarityMixin",
     "UsageError",
     "__version__",
+    "class_similarity",
     "counts_from_similarity",
     "denoising_factor",
     "gradient_kernel",

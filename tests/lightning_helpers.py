@@ -94,3 +94,26 @@ def read_events(log_dir: str | Path) -> tuple[dict[str, list[tuple[int, float]]]
 def val_tensor(n_val: int = 101, limit: Optional[int] = None) -> torch.Tensor:
     x = blobs(n_val, seed=1).tensors[0]
     return x if limit is None else x[:limit]
+
+
+def image_blobs(n: int, seed: int = 0) -> TensorDataset:
+    """1×8×8 images: a class template plus noise, with integer labels."""
+    gen = torch.Generator().manual_seed(seed)
+    templates = torch.randn(NUM_CLASSES, 1, 8, 8, generator=torch.Generator().manual_seed(42))
+    labels = torch.arange(n) % NUM_CLASSES
+    x = templates[labels] + 0.7 * torch.randn(n, 1, 8, 8, generator=gen)
+    return TensorDataset(x, labels)
+
+
+class ImageClassifier(Classifier):
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__(lr=lr)
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, NUM_CLASSES))
+
+
+class ImageData(BlobData):
+    def train_dataloader(self):
+        return DataLoader(image_blobs(self.n_train, seed=0), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(image_blobs(self.n_val, seed=1), batch_size=self.batch_size)

@@ -37,3 +37,27 @@ def test_two_processes_log_what_one_process_logs(tmp_path, max_samples):
     h1, h2 = one["histograms"]["netsim/density"][0].histogram_value, two["histograms"]["netsim/density"][0].histogram_value
     assert h1.num == h2.num == min(101, max_samples)
     assert h2.sum == pytest.approx(h1.sum, rel=1e-5)
+
+
+def _validate_images(tmp_path, name: str, devices: int) -> dict:
+    from lightning_netsim import DenoisingMonitor, NeighborMonitor
+    from tests.lightning_helpers import ImageClassifier, ImageData
+
+    torch.manual_seed(0)
+    model = ImageClassifier()
+    logger = TensorBoardLogger(str(tmp_path), name=name)
+    extra = {"strategy": "ddp_spawn"} if devices > 1 else {}
+    monitors = [NeighborMonitor(num_queries=3, k=4, max_samples=33, matrix_size=12), DenoisingMonitor(noise_std=1.0, max_samples=33)]
+    trainer = pl.Trainer(callbacks=monitors, logger=logger, **trainer_kwargs(tmp_path, devices=devices, **extra))
+    trainer.validate(model, datamodule=ImageData(n_val=41, batch_size=4), verbose=False)
+    scalars, _ = read_events(tmp_path / name)
+    return {k: v for k, v in scalars.items() if k.startswith("netsim")}
+
+
+@pytest.mark.slow
+def test_neighbor_and_denoising_monitors_two_processes_equal_one(tmp_path):
+    one, two = _validate_images(tmp_path, "one", 1), _validate_images(tmp_path, "two", 2)
+    expected = {"netsim/denoising/mean", "netsim/consistency/mean", "netsim/similarity/intra_class", "netsim/uncertainty/mean"}
+    assert expected <= one.keys() and one.keys() == two.keys()
+    for tag, values in one.items():
+        assert two[tag][0][1] == pytest.approx(values[0][1], rel=1e-4, abs=1e-5), (tag, values, two[tag])

@@ -94,6 +94,7 @@ class NetsimMonitor(Callback):
         self._position = 0
         self._keep: Optional[Tensor] = None
         self._global: Optional[Tensor] = None
+        self._chosen: Optional[Tensor] = None
         self._warned_tensorboard = False
 
     # ----------------------------------------------------------------- configuration
@@ -165,6 +166,7 @@ class NetsimMonitor(Callback):
         keep_all = torch.zeros_like(everything, dtype=torch.bool)
         keep_all[chosen] = True
         mine = owner == rank
+        self._chosen = torch.sort(everything[chosen]).values  # dataset indices analysed, ascending
         self._keep = keep_all[mine]
         self._global = local
         self._position = 0
@@ -224,6 +226,36 @@ class NetsimMonitor(Callback):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- results and logging
+
+    def compact(self, indices: Tensor) -> Tensor:
+        """Positions ``0 .. M-1`` of dataset indices among the analysed examples (the core's shard spec)."""
+        assert self._chosen is not None
+        return torch.searchsorted(self._chosen, indices.to(self._chosen.device))
+
+    def fetch(self, kept: list[Kept], wanted: Tensor) -> Any:
+        """The analysed examples at compact positions ``wanted`` (in that order), from whichever rank holds them.
+
+        Every rank must call it, and every rank must hold at least one analysed example.
+        """
+        if not kept:
+            raise ValueError(
+                f"{type(self).__name__}: a process holds no analysed validation example. Fix: raise "
+                "`max_samples` to at least the number of processes."
+            )
+        device = wanted.device
+        leaves_per_item = [flatten_batch(item.batch) for item in kept]
+        rebuild = leaves_per_item[0][1]
+        positions = torch.cat([self.compact(item.indices).to(device) for item in kept])
+        rows = torch.isin(positions, wanted).nonzero().squeeze(1)
+        num_leaves = len(leaves_per_item[0][0])
+        local = [torch.cat([leaves[i] for leaves, _ in leaves_per_item])[rows.to(leaves_per_item[0][0][i].device)] for i in range(num_leaves)]
+        every_position = torch.cat(all_gather_rows(positions[rows]))
+        gathered = [torch.cat(all_gather_rows(leaf)) for leaf in local]
+        first = {}
+        for j, p in enumerate(every_position.tolist()):
+            first.setdefault(p, j)
+        order = torch.tensor([first[int(p)] for p in wanted.tolist()], dtype=torch.long)
+        return rebuild([leaf[order.to(leaf.device)] for leaf in gathered])
 
     @staticmethod
     def gather_ordered(indices: Tensor, *values: Tensor) -> tuple[Tensor, ...]:

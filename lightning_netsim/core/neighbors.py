@@ -1,5 +1,6 @@
 """Retrieval: the reference examples the network sees as most similar to each query."""
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -12,7 +13,7 @@ from lightning_netsim.core.jacobians import JacobianEngine, OutputFn, grad_mode_
 from lightning_netsim.core.kernels import inverse_sqrt_psd
 from lightning_netsim.core.parameters import ParamSelection
 
-__all__ = ["nearest_neighbors"]
+__all__ = ["class_similarity", "nearest_neighbors"]
 
 
 def nearest_neighbors(
@@ -123,3 +124,89 @@ def _merge(state: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], k: int) -> 
     sims, index = sims.gather(1, order), index.gather(1, order)
     top = torch.argsort(sims, dim=1, descending=True, stable=True)[:, : min(k, sims.shape[1])]
     return sims.gather(1, top), index.gather(1, top)
+
+
+def class_similarity(
+    model: nn.Module,
+    data: Any,
+    *,
+    labels: Optional[Callable[[Any], Tensor]] = None,
+    output_fn: Optional[OutputFn] = None,
+    params: ParamSelection = None,
+    chunk_size: Optional[int] = None,
+    eps: Optional[float] = None,
+    shard: ShardSpec = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Mean similarity of same-class pairs and of different-class pairs, exactly, in linear time.
+
+    With :math:`S_c = \sum_{i \in c} \hat J_i`, the sum of :math:`\rho_{ij}` over
+    ordered pairs of class ``c`` is :math:`\lVert S_c \rVert_F^2 / d` minus the
+    diagonal, so one sweep gives both means (pairs ``i ≠ j``) without the
+    ``N × N`` matrix: how well the network's own notion of similarity separates
+    the classes.
+
+    Args:
+        labels: ``labels(batch) -> (B,)`` integer classes; default the batch's
+            labels (:func:`~lightning_netsim.core.outputs.find_labels`).
+        Other arguments as in :func:`~lightning_netsim.soft_density`.
+
+    Returns:
+        ``(intra, inter)`` scalar tensors (NaN-free: 0 when a kind of pair is absent).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> x, y = torch.randn(6, 2), torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> intra, inter = class_similarity(net, (x, y))
+        >>> bool(-1 <= intra <= 1 and -1 <= inter <= 1)
+        True
+    """
+    from lightning_netsim.core.closed_form import LayerwiseKernels
+    from lightning_netsim.core.distributed import all_reduce_max, all_reduce_sum
+    from lightning_netsim.core.outputs import find_labels
+
+    check_data(data, "data")
+    engine = JacobianEngine(model, output_fn=output_fn, params=params, chunk_size=chunk_size)
+    layers = LayerwiseKernels(engine)
+    batches = Batches(engine, data, "data", ShardLayout(shard, engine.device))
+    get_labels = labels or (lambda batch: find_labels(batch))
+    found = []
+    for batch, _, _ in batches:
+        y = get_labels(batch.rebuild(batch.leaves))
+        if y is None:
+            raise ValueError(
+                "Expected integer labels in each batch (a tuple `(x, y)` or a dict with key 'y', 'label(s)' "
+                "or 'target(s)'), or `labels=`. Fix: pass `labels=lambda batch: ...`."
+            )
+        found.append(int(y.max()))
+    classes = int(all_reduce_max(torch.tensor([max(found) + 1], device=engine.device)).item())
+    sums: Optional[Tensor] = None
+    diagonal = torch.zeros((), device=engine.device, dtype=engine.dtype)
+    counts = torch.zeros(classes, device=engine.device, dtype=engine.dtype)
+    with grad_mode_for_autograd():
+        for batch, keep, _ in batches:
+            y = get_labels(batch.rebuild(batch.leaves)).to(engine.device).long()
+            onehot = torch.nn.functional.one_hot(y, classes).to(engine.dtype) * keep.to(engine.dtype)[:, None]
+            rho_ii: list[Tensor] = []
+
+            def weights(kernel: Tensor, rows: slice, onehot: Tensor = onehot) -> Tensor:
+                w = inverse_sqrt_psd(kernel, eps)
+                d = w.shape[1]
+                rho_ii.append(torch.einsum("bmk,bkl,bml->b", w, kernel, w) / d)
+                return (onehot[rows, :, None, None] * w[:, None]).flatten(1, 2)  # (b, C·d, d)
+
+            _, _, part = layers.compute(batch, weights)
+            assert part is not None
+            sums = part if sums is None else sums + part
+            diagonal = diagonal + (torch.cat(rho_ii) * onehot.sum(1)).sum()
+            counts = counts + onehot.sum(0)
+    assert sums is not None
+    sums, diagonal, counts = all_reduce_sum(sums), all_reduce_sum(diagonal), all_reduce_sum(counts)
+    per_class = sums.reshape(classes, -1, sums.shape[1])  # (C, d, P)
+    d = per_class.shape[1]
+    same = per_class.square().sum() / d - diagonal
+    everything = per_class.sum(0).square().sum() / d - diagonal
+    same_pairs = (counts * (counts - 1)).sum()
+    other_pairs = counts.sum() ** 2 - counts.square().sum()
+    intra = same / same_pairs if same_pairs > 0 else same.new_zeros(())
+    inter = (everything - same) / other_pairs if other_pairs > 0 else same.new_zeros(())
+    return intra, inter
