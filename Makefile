@@ -19,7 +19,7 @@ $(VENV): setup.cfg pyproject.toml
 	@touch $(VENV)
 
 demo: $(VENV)
-	$(PY) examples/quickstart.py
+	$(PY) examples/registration_denoising.py
 
 test: $(VENV)
 	$(PY) -m pytest -q

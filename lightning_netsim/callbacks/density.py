@@ -130,10 +130,10 @@ class DensityMonitor(NetsimMonitor):
         indices = torch.cat([item.indices.to(device) for item, _ in kept] + [torch.zeros(0, dtype=torch.long, device=device)])
         density = torch.cat([c.to(device) for c in counts] + [torch.zeros(0, dtype=acc.engine.dtype, device=device)])
         has_labels = self.all_ranks(all(item.labels is not None for item, _ in kept), device)
-        labels = torch.cat(
-            [item.labels.to(device) for item, _ in kept if item.labels is not None]
-            + [torch.zeros(0, dtype=torch.long, device=device)]
-        ).long()
+        if has_labels:
+            labels = torch.cat([item.labels.to(device) for item, _ in kept] + [indices.new_zeros(0)]).long()  # type: ignore[union-attr]
+        else:
+            labels = torch.zeros_like(indices)
         _, density, labels = self.gather_ordered(indices, density, labels)
         if density.numel() == 0:
             return

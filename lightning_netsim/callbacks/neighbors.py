@@ -172,7 +172,10 @@ class NeighborMonitor(NetsimMonitor):
         acc.reduce()
         density = torch.cat([acc.count(item.batch, w) for item, w in kept_w]) if kept_w else torch.zeros(0, dtype=acc.engine.dtype, device=device)
         sketch = self._sketch(acc, kept_w, device)
-        local_labels = torch.cat([item.labels.to(device) for item in kept if item.labels is not None] + [torch.zeros(0, dtype=torch.long, device=device)]).long()
+        if has_labels:
+            local_labels = torch.cat([item.labels.to(device) for item in kept] + [local_pos.new_zeros(0)]).long()  # type: ignore[union-attr]
+        else:
+            local_labels = torch.zeros_like(local_pos)
         all_pos, density, sketch, all_labels = self.gather_ordered(local_pos.to(device), density.to(device), sketch, local_labels)
         if self.projector_dim > 0:
             thumbs = None
