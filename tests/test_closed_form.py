@@ -202,3 +202,30 @@ def test_soft_density_on_a_mixed_model_matches_explicit():
     x = _img(7, 1, 5, 5)
     expected = similarity(per_sample_jacobian(model, x)).sum(1)
     torch.testing.assert_close(soft_density(model, [x[:4], x[4:]]), expected, rtol=0, atol=1e-8)
+
+
+class _Encoder(nn.Module):
+    """torch's own TransformerEncoder (eval mode: its fused fast path has no forward-mode AD)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, d)
+        self.double().eval()
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_transformer_encoder_density_is_exact(d):
+    from lightning_netsim import per_sample_jacobian, similarity
+
+    model, x = _Encoder(d), _img(7, 5, 8)
+    layers, (kernel, total), (expected_kernel, expected_total) = _run(model, x)
+    assert any("self_attn" in name for name in layers.fallback_names)  # attention weights: generic path
+    torch.testing.assert_close(kernel, expected_kernel, **TOL)
+    expected = similarity(per_sample_jacobian(model, x)).sum(1)
+    torch.testing.assert_close(soft_density(model, [x[:4], x[4:]]), expected, rtol=0, atol=1e-8)

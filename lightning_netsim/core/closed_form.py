@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_netsim.core.jacobians import JacobianEngine, PreparedBatch, _parameter_aliases
+from lightning_netsim.core.jacobians import JacobianEngine, PreparedBatch, _parameter_aliases, math_attention
 from lightning_netsim.core.parameters import parameter_slices
 
 __all__ = ["CLOSED_FORMS", "ClosedFormRule", "LayerTerms", "LayerwiseKernels", "Weights"]
@@ -458,7 +458,7 @@ class LayerwiseKernels:
         self, batch: PreparedBatch, weights: Optional[Callable[[Tensor], Tensor]]
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         while True:
-            with torch.enable_grad(), torch.inference_mode(False):
+            with torch.enable_grad(), torch.inference_mode(False), math_attention():
                 out, calls = self._capture(batch)
                 if self._changed_in_place and not self._clone_outputs:
                     self._clone_outputs = True  # copy layer outputs from now on, and redo this batch

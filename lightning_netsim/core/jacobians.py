@@ -58,6 +58,15 @@ def grad_mode_for_autograd() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def math_attention() -> Iterator[None]:
+    """Use the plain-math attention kernel: fused ones lack vmap batching rules and double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def _output_rows(out: object, *, per_sample: bool) -> Tensor:
     """Check an ``output_fn`` result and reshape it to ``[B, d]``."""
     if not isinstance(out, Tensor):
@@ -166,6 +175,7 @@ class JacobianEngine:
         first = next(iter(self.selected.values()))
         self.device, self.dtype = first.device, first.dtype
         self.num_params = sum(p.numel() for p in self.selected.values())
+        self._forward_ad = True
 
     def theta(self) -> dict[str, Tensor]:
         """The selected parameters, detached."""
@@ -179,7 +189,7 @@ class JacobianEngine:
 
     def _guard(self, fn: Callable[[], Tensor]) -> Tensor:
         try:
-            with grad_mode_for_autograd():
+            with grad_mode_for_autograd(), math_attention():
                 return fn()
         except RuntimeError as err:
             raise _transform_error(self.model, err) from err
@@ -213,8 +223,13 @@ class JacobianEngine:
     def jvp(self, batch: PreparedBatch, tangents: Tensor) -> Tensor:
         """Directional derivatives ``J_i t_r`` of the outputs: ``(R, B, d)`` for tangents ``(R, P)``.
 
-        One forward-mode pass per tangent, vectorized over the R tangents.
+        One forward-mode pass per tangent, vectorized over the R tangents. Models
+        with an operation that forward-mode AD does not support (e.g. the fused
+        inference kernel of ``nn.TransformerEncoderLayer``) get the same numbers
+        from two reverse-mode passes instead.
         """
+        if not self._forward_ad:
+            return self._jvp_by_double_backward(batch, tangents)
         theta = self.theta()
         inputs = batch.rebuild(batch.leaves)
 
@@ -222,9 +237,35 @@ class JacobianEngine:
             return jvp(lambda th: self._call(th, inputs), (theta,), (tangent,))[1]
 
         split = self.unflatten(tangents.to(self.dtype))
-        if tangents.shape[0] == 1:  # one tangent: skip vmap's overhead
-            return self._guard(lambda: directional({k: v[0] for k, v in split.items()}).unsqueeze(0))
-        return self._guard(lambda: vmap(directional)(split))
+        try:
+            if tangents.shape[0] == 1:  # one tangent: skip vmap's overhead
+                return self._guard(lambda: directional({k: v[0] for k, v in split.items()}).unsqueeze(0))
+            return self._guard(lambda: vmap(directional)(split))
+        except NotImplementedError as err:
+            if "forward AD" not in str(err):
+                raise
+            self._forward_ad = False
+            return self._jvp_by_double_backward(batch, tangents)
+
+    def _jvp_by_double_backward(self, batch: PreparedBatch, tangents: Tensor) -> Tensor:
+        """``J t`` as the derivative of the linear map ``v ↦ Jᵀ v`` along ``t`` (reverse over reverse)."""
+
+        def run() -> Tensor:
+            theta = {name: t.requires_grad_() for name, t in self.theta().items()}
+            out = self._call(theta, batch.rebuild(batch.leaves))
+            probe = torch.zeros_like(out, requires_grad=True)
+            params = list(theta.values())
+            vjp = torch.autograd.grad(out, params, probe, create_graph=True, allow_unused=True)
+            pairs = [(g, p) for g, p in zip(vjp, params) if g is not None]
+            rows = []
+            for r in range(tangents.shape[0]):
+                split = self.unflatten(tangents[r].to(self.dtype))
+                names = [n for n, p in theta.items() if any(p is q for _, q in pairs)]
+                grads = [g for g, _ in pairs]
+                rows.append(torch.autograd.grad(grads, probe, [split[n] for n in names], retain_graph=True)[0])
+            return torch.stack(rows).detach()
+
+        return self._guard(run)
 
 
 def per_sample_jacobian(
