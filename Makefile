@@ -26,6 +26,7 @@ test: $(VENV)
 
 bench: $(VENV)
 	$(PY) benchmarks/jacobian.py
+	$(PY) benchmarks/density.py --repeats 3 --markdown benchmarks/README.md
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .hypothesis *.egg-info

@@ -6,12 +6,18 @@ All measured side by side in one process (2 CPU cores here):
   ``n_i = Σ_j ρ_ij`` from the gathered normalized gradients (chunked matmul);
 - ``materialized``: ``per_sample_jacobian`` on every batch, kept (N×d×P), then the same dense math.
 
-Then peak memory at N = 1k and N = 16k, each in a fresh process: the data are
-generated batch by batch (a re-iterable that holds no examples), so what grows
-with N is the algorithm's own memory. Reported: the process's peak resident
-set, and its increase over the resident set just before the call.
+Models: an MLP, a small CNN and a small transformer encoder (torch's own
+``nn.TransformerEncoder``), d = 1 and d = 10. Peer baselines (Opacus per-sample
+gradients, BackPACK ``BatchGrad``, each followed by the same dense math) are
+timed when those packages are installed; they are never runtime dependencies.
 
-Run: ``python benchmarks/density.py [--samples 2048] [--memory-samples 1000 16000]``.
+Memory, each figure in a fresh process with data generated batch by batch (a
+re-iterable that holds no examples): the peak resident set of ``soft_density``
+at N = 1k and N = 16k, and its increase over the resident set before the call
+divided by the same increase for one training epoch (batch 256).
+
+Run: ``python benchmarks/density.py [--repeats 3] [--markdown benchmarks/README.md]``
+(``make bench`` writes the README table).
 """
 
 import argparse
@@ -39,7 +45,20 @@ def dense_density(jhat: torch.Tensor) -> torch.Tensor:
     return flat @ flat.sum(0) / jhat.shape[1]
 
 
-MODELS = {"mlp": (mlp, (32,)), "cnn": (small_cnn, (1, 16, 16))}
+class Encoder(nn.Module):
+    """Two torch TransformerEncoder layers (d_model 32, 4 heads) over 16 tokens, mean-pooled."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x).mean(1))
+
+
+MODELS = {"mlp": (mlp, (32,)), "cnn": (small_cnn, (1, 16, 16)), "transformer": (Encoder, (16, 32))}
 
 
 class GeneratedBatches:
@@ -59,16 +78,28 @@ def _resident_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def memory_child(name: str, d: int, n: int, batch: int) -> None:
-    """Run in a fresh process: peak resident memory of one ``soft_density`` call."""
+def memory_child(name: str, d: int, n: int, batch: int, what: str = "density") -> None:
+    """Run in a fresh process: peak resident memory of one ``soft_density`` call (or one training epoch)."""
     make, shape = MODELS[name]
     torch.manual_seed(0)
     model = make(d).eval()
-    soft_density(model, GeneratedBatches(batch, batch, shape))  # load kernels before measuring
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def run(count: int) -> None:
+        if what == "density":
+            soft_density(model, GeneratedBatches(count, batch, shape))
+            return
+        for xb in GeneratedBatches(count, batch, shape):
+            opt.zero_grad()
+            model(xb).square().mean().backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    run(batch)  # load kernels before measuring
     before = _resident_mb()
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current size
         f.write("5")
-    soft_density(model, GeneratedBatches(n, batch, shape))
+    run(n)
     print(json.dumps({"before": before, "peak": _peak_mb()}))
 
 
@@ -78,8 +109,8 @@ def _peak_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def measure_memory(name: str, d: int, n: int, batch: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--memory-child", name, str(d), str(n), "--batch", str(batch)]
+def measure_memory(name: str, d: int, n: int, batch: int, what: str = "density") -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--memory-child", name, str(d), str(n), what, "--batch", str(batch)]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
 
@@ -89,15 +120,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--memory-samples", type=int, nargs=2, default=(1000, 16000))
-    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", help="also write the tables to this Markdown file")
+    parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        name, d, n = args.memory_child
-        memory_child(name, int(d), int(n), args.batch)
+        name, d, n, what = args.memory_child
+        memory_child(name, int(d), int(n), args.batch, what)
         return
     n, b = args.samples, args.batch
+    peers = _peers()
+    header = ["model", "d", "P", "epoch [s]", "ours ÷ epoch", "ours ÷ loop", "ours ÷ materialized"] + [f"ours ÷ {p}" for p in peers]
+    rows = []
     print(f"soft_density, N={n}, batch {b} ({describe_machine()})")
-    print(f"{'model':>5} {'d':>3} {'P':>7} {'epoch [s]':>10} {'ours/epoch':>11} {'ours/loop':>10} {'ours/materialized':>18}")
+    print(" | ".join(header))
     for name, (make, shape) in MODELS.items():
         for d in (1, 10):
             torch.manual_seed(0)
@@ -127,24 +162,117 @@ def main() -> None:
 
             ours = lambda: soft_density(model, batches)  # noqa: E731
             torch.testing.assert_close(ours(), materialized(), rtol=1e-3, atol=1e-2)
-            t = time_side_by_side({"epoch": epoch, "ours": ours, "loop": loop, "materialized": materialized}, args.repeats)
+            fns = {"epoch": epoch, "ours": ours, "loop": loop, "materialized": materialized}
+            fns.update({p: (lambda f=f: f(model, batches)) for p, f in peers.items()})
+            t = time_side_by_side(fns, args.repeats)
             p = sum(q.numel() for q in model.parameters())
-            print(
-                f"{name:>5} {d:>3} {p:>7} {t['epoch']:>10.3f} {t['ours'] / t['epoch']:>11.2f} "
-                f"{t['ours'] / t['loop']:>10.3f} {t['ours'] / t['materialized']:>18.3f}"
-            )
+            row = [name, d, p, f"{t['epoch']:.3f}", f"{t['ours'] / t['epoch']:.2f}", f"{t['ours'] / t['loop']:.3f}",
+                   f"{t['ours'] / t['materialized']:.3f}"] + [f"{t['ours'] / t[q]:.3f}" for q in peers]
+            rows.append(row)
+            print(" | ".join(str(v) for v in row))
 
     small, large = args.memory_samples
-    print(f"\npeak memory of soft_density, N={small} vs N={large} (fresh process each; data generated per batch)")
-    print(f"{'model':>5} {'d':>3} {'peak MB (small)':>16} {'peak MB (large)':>16} {'peak ratio':>11} {'extra MB (small)':>17} {'extra MB (large)':>17}")
+    memory_header = ["model", "d", f"peak MB, N={small}", f"peak MB, N={large}", "peak ratio", f"extra MB, N={large}",
+                     "extra MB, training epoch", "extra ÷ training epoch"]
+    memory_rows = []
+    print(f"\npeak memory (fresh process each; data generated per batch)")
+    print(" | ".join(memory_header))
     for name in MODELS:
         for d in (1, 10):
-            a, b = (measure_memory(name, d, n, args.batch) for n in (small, large))
-            extra_a, extra_b = a["peak"] - a["before"], b["peak"] - b["before"]
-            print(
-                f"{name:>5} {d:>3} {a['peak']:>16.1f} {b['peak']:>16.1f} {b['peak'] / a['peak']:>11.3f} "
-                f"{extra_a:>17.1f} {extra_b:>17.1f}"
-            )
+            a, c = (measure_memory(name, d, m, args.batch) for m in (small, large))
+            train = measure_memory(name, d, large, args.batch, "train")
+            extra, extra_train = c["peak"] - c["before"], train["peak"] - train["before"]
+            row = [name, d, f"{a['peak']:.1f}", f"{c['peak']:.1f}", f"{c['peak'] / a['peak']:.3f}", f"{extra:.1f}",
+                   f"{extra_train:.1f}", f"{extra / max(extra_train, 1e-9):.2f}"]
+            memory_rows.append(row)
+            print(" | ".join(str(v) for v in row))
+    if args.markdown:
+        _write_markdown(Path(args.markdown), header, rows, memory_header, memory_rows, n, b, peers)
+
+
+def _peers() -> dict:
+    """Peer per-sample-gradient engines, when installed (optional, never runtime dependencies)."""
+    found: dict = {}
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        found["opacus"] = _opacus_density
+    try:
+        import backpack  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        found["backpack"] = _backpack_density
+    return found
+
+
+def _opacus_density(model: nn.Module, batches: list) -> torch.Tensor:
+    from opacus import GradSampleModule
+
+    wrapped = GradSampleModule(model)
+    rows = []
+    for xb in batches:
+        out = wrapped(xb)
+        per_row = []
+        for k in range(out.shape[1]):
+            wrapped.zero_grad(set_to_none=True)
+            out[:, k].sum().backward(retain_graph=k + 1 < out.shape[1])
+            per_row.append(torch.cat([p.grad_sample.flatten(1) for p in model.parameters()], 1))
+        rows.append(torch.stack(per_row, 1))
+    wrapped._close()
+    return dense_density(normalized_jacobian(torch.cat(rows)))
+
+
+def _backpack_density(model: nn.Module, batches: list) -> torch.Tensor:
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+
+    extended = extend(model)
+    rows = []
+    for xb in batches:
+        out = extended(xb)
+        per_row = []
+        for k in range(out.shape[1]):
+            extended.zero_grad()
+            with backpack(BatchGrad()):
+                out[:, k].sum().backward(retain_graph=k + 1 < out.shape[1])
+            per_row.append(torch.cat([p.grad_batch.flatten(1) for p in model.parameters()], 1))
+        rows.append(torch.stack(per_row, 1))
+    return dense_density(normalized_jacobian(torch.cat(rows)))
+
+
+def _write_markdown(path: Path, header, rows, memory_header, memory_rows, n: int, b: int, peers: dict) -> None:
+    def table(head, body) -> str:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(str(v) for v in r) + " |" for r in body])
+
+    missing = [p for p in ("opacus", "backpack") if p not in peers]
+    text = f"""# Benchmarks
+
+Written by `python benchmarks/density.py --markdown benchmarks/README.md` (`make bench`);
+{describe_machine()}, one run, medians of interleaved repeats. Ratios below 1 mean ours is faster.
+
+## Soft density, N = {n}, batch {b}
+
+`epoch`: forward + backward + SGD step over the same examples. `loop`: one backward per
+example and output (the official code's approach), then the dense math. `materialized`:
+`torch.func` per-sample Jacobians of every batch, kept, then the dense math.
+{"Peer baselines not installed here: " + ", ".join(missing) + "." if missing else ""}
+
+{table(header, rows)}
+
+## Memory
+
+Peak resident set of `soft_density` in a fresh process, data generated per batch; "extra"
+is the increase over the resident set before the call, compared with the same increase
+for one training epoch over N = {memory_rows and memory_header[3].split('=')[1]} examples.
+
+{table(memory_header, memory_rows)}
+"""
+    path.write_text(text)
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":
