@@ -229,3 +229,15 @@ def test_transformer_encoder_density_is_exact(d):
     torch.testing.assert_close(kernel, expected_kernel, **TOL)
     expected = similarity(per_sample_jacobian(model, x)).sum(1)
     torch.testing.assert_close(soft_density(model, [x[:4], x[4:]]), expected, rtol=0, atol=1e-8)
+
+
+def test_first_batch_verdict_is_remembered_per_model():
+    from lightning_netsim.core import closed_form
+
+    model = _OutsideUse()
+    first, *_ = _run(model, _img(6, 4))
+    assert first.fallback_names == ["lin.weight", "lin.bias"] and closed_form._VERDICTS[model]
+    second, (kernel, total), (expected_kernel, expected_total) = _run(model, _img(6, 4))
+    assert second.fallback_names == ["lin.weight", "lin.bias"]
+    torch.testing.assert_close(kernel, expected_kernel, **TOL)
+    torch.testing.assert_close(total, expected_total, **TOL)

@@ -24,6 +24,7 @@ checked against the generic path on two examples; a module that disagrees
 examples across the batch dimension) is moved to the generic path.
 """
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -311,6 +312,10 @@ CLOSED_FORMS: dict[type, ClosedFormRule] = {
 """Module types (exact, not subclasses: those may change ``forward``) with a closed form."""
 
 
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, frozenset[str]]]" = weakref.WeakKeyDictionary()
+"""Per model: which registered modules the first-batch check sent to the generic path, by setting."""
+
+
 @dataclass
 class _Registered:
     module: nn.Module
@@ -479,7 +484,17 @@ class LayerwiseKernels:
             fallback_jac = self._fallback_engine.jacobian(batch) if self._fallback_engine is not None else None
             if self.validate:
                 self.validate = False
-                wrong = self._disagreeing(batch, parts, fallback_jac)
+                key = self._verdict_key(batch)
+                known = _VERDICTS.get(self.engine.model, {}).get(key)
+                if known is not None:  # this model and setting were checked by an earlier call
+                    wrong = {id(r.module) for r in self.registered if r.names[0] in known}
+                else:
+                    wrong = self._disagreeing(batch, parts, fallback_jac)
+                    names = frozenset(r.names[0] for r in self.registered if id(r.module) in wrong)
+                    verdicts = _VERDICTS.setdefault(self.engine.model, {})
+                    if len(verdicts) >= 8:
+                        verdicts.pop(next(iter(verdicts)))
+                    verdicts[key] = names
                 if wrong:
                     self._demote(wrong)
                     continue
@@ -506,6 +521,10 @@ class LayerwiseKernels:
                 dim=1,
             )
             return out, kernel, total
+
+    def _verdict_key(self, batch: PreparedBatch) -> tuple:
+        shapes = tuple((tuple(t.shape[1:]), t.dtype) for t in batch.leaves)
+        return (self.engine.output_fn, tuple(self.engine.selected), shapes)
 
     def _disagreeing(self, batch: PreparedBatch, parts: dict[int, Tensor], fallback_jac: Optional[Tensor]) -> set[int]:
         """Registered modules whose closed form differs from the generic path on two examples."""
