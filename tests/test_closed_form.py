@@ -241,3 +241,24 @@ def test_first_batch_verdict_is_remembered_per_model():
     assert second.fallback_names == ["lin.weight", "lin.bias"]
     torch.testing.assert_close(kernel, expected_kernel, **TOL)
     torch.testing.assert_close(total, expected_total, **TOL)
+
+
+class _PartlyFrozenCall(nn.Module):
+    """``lin`` is called twice, once without autograd: only the other call moves the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.double()
+
+    def forward(self, x):
+        with torch.no_grad():
+            frozen = self.lin(x)
+        return self.head(torch.tanh(self.lin(x)) + frozen)
+
+
+def test_calls_without_autograd_contribute_nothing():
+    layers, (kernel, total), (expected_kernel, expected_total) = _run(_PartlyFrozenCall(), _img(6, 4))
+    torch.testing.assert_close(kernel, expected_kernel, **TOL)
+    torch.testing.assert_close(total, expected_total, **TOL)

@@ -406,9 +406,12 @@ class LayerwiseKernels:
 
     def _output_grads(self, out: Tensor, calls: dict[int, _Calls]) -> dict[int, list[Tensor]]:
         targets = [(key, i, t) for key, seen in calls.items() if not seen.broken for i, t in enumerate(seen.outputs)]
-        if not targets:
-            return {}
         b, d = out.shape
+        # A call made without autograd (e.g. under no_grad inside forward) does not move the output.
+        result: dict[int, list[Tensor]] = {key: [t.new_zeros(d, *t.shape) for t in calls[key].outputs] for key, _, _ in targets}
+        targets = [(key, i, t) for key, i, t in targets if t.requires_grad]
+        if not targets or not out.requires_grad:
+            return result
         eye = torch.eye(d, dtype=out.dtype, device=out.device)
         tensors = [t for _, _, t in targets]
         if d == 1:
@@ -425,9 +428,9 @@ class LayerwiseKernels:
                 grads = tuple(
                     None if parts[0] is None else torch.stack(parts) for parts in zip(*rows)  # type: ignore[misc]
                 )
-        result: dict[int, list[Tensor]] = {key: [] for key, _, _ in targets}
-        for (key, _, t), g in zip(targets, grads):
-            result[key].append(g if g is not None else t.new_zeros(d, *t.shape))
+        for (key, i, _), g in zip(targets, grads):
+            if g is not None:
+                result[key][i] = g
         return result
 
     def _demote(self, broken: set[int]) -> None:
