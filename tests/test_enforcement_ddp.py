@@ -1,4 +1,4 @@
-"""Under DDP (2 gloo processes, ddp_spawn) the mixin's gradients equal the average of single-process shard gradients."""
+"""Under DDP (2 gloo processes) the mixin's gradients equal the average of single-process shard gradients."""
 
 import pytest
 import pytorch_lightning as pl
@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_netsim import SimilarityMixin
+from tests.ddp import run_two_ranks
 from tests.lightning_helpers import blobs, trainer_kwargs
 
 
@@ -69,18 +70,22 @@ def _reference(only_similarity: bool) -> dict:
     return total
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("only_similarity", [False, True], ids=["task+similarity", "similarity-only"])
-def test_ddp_gradients_equal_the_average_of_shard_gradients(tmp_path, only_similarity):
-    out = str(tmp_path / "grads")
+def _fit_one_step(tmp_path, only_similarity: bool, out: str) -> None:
     trainer = pl.Trainer(
         logger=False,
         max_steps=1,
-        strategy="ddp_spawn",
+        strategy="ddp",
         use_distributed_sampler=False,
         **trainer_kwargs(tmp_path, devices=2, max_epochs=1),
     )
     trainer.fit(PairNet(only_similarity, out), train_dataloaders=_loader())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("only_similarity", [False, True], ids=["task+similarity", "similarity-only"])
+def test_ddp_gradients_equal_the_average_of_shard_gradients(tmp_path, only_similarity):
+    out = str(tmp_path / "grads")
+    run_two_ranks(_fit_one_step, tmp_path, only_similarity, out)
     expected = _reference(only_similarity)
     for rank in range(2):
         got = torch.load(f"{out}.{rank}")

@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo, ddp_spawn) log the same density as one, with 101 validation examples."""
+"""Two CPU processes (gloo DDP) log what one process logs, with validation sets not divisible by 2."""
 
 import pytest
 import pytorch_lightning as pl
@@ -6,21 +6,29 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_netsim import DensityMonitor
+from tests.ddp import run_two_ranks
 from tests.lightning_helpers import BlobData, Classifier, read_events, trainer_kwargs
 
 
-def _validate(tmp_path, name: str, devices: int, max_samples: int) -> dict:
+def _density_run(tmp_path, name: str, devices: int, max_samples: int) -> None:
     torch.manual_seed(0)
     model = Classifier()
-    logger = TensorBoardLogger(str(tmp_path), name=name)
-    extra = {"strategy": "ddp_spawn"} if devices > 1 else {}
+    logger = TensorBoardLogger(str(tmp_path), name=name, version=0)
+    extra = {"strategy": "ddp"} if devices > 1 else {}
     trainer = pl.Trainer(
         callbacks=[DensityMonitor(max_samples=max_samples, output="target")],
         logger=logger,
         **trainer_kwargs(tmp_path, devices=devices, **extra),
     )
     trainer.validate(model, datamodule=BlobData(n_val=101, batch_size=8), verbose=False)
-    scalars, histograms = read_events(tmp_path / name)  # the main process would pick a new version
+
+
+def _validate(tmp_path, name: str, devices: int, max_samples: int) -> dict:
+    if devices > 1:
+        run_two_ranks(_density_run, tmp_path, name, devices, max_samples)
+    else:
+        _density_run(tmp_path, name, devices, max_samples)
+    scalars, histograms = read_events(tmp_path / name)
     return {"scalars": {k: v for k, v in scalars.items() if k.startswith("netsim")}, "histograms": histograms}
 
 
@@ -39,17 +47,24 @@ def test_two_processes_log_what_one_process_logs(tmp_path, max_samples):
     assert h2.sum == pytest.approx(h1.sum, rel=1e-5)
 
 
-def _validate_images(tmp_path, name: str, devices: int) -> dict:
+def _images_run(tmp_path, name: str, devices: int) -> None:
     from lightning_netsim import DenoisingMonitor, NeighborMonitor
     from tests.lightning_helpers import ImageClassifier, ImageData
 
     torch.manual_seed(0)
     model = ImageClassifier()
-    logger = TensorBoardLogger(str(tmp_path), name=name)
-    extra = {"strategy": "ddp_spawn"} if devices > 1 else {}
+    logger = TensorBoardLogger(str(tmp_path), name=name, version=0)
+    extra = {"strategy": "ddp"} if devices > 1 else {}
     monitors = [NeighborMonitor(num_queries=3, k=4, max_samples=33, matrix_size=12), DenoisingMonitor(noise_std=1.0, max_samples=33)]
     trainer = pl.Trainer(callbacks=monitors, logger=logger, **trainer_kwargs(tmp_path, devices=devices, **extra))
     trainer.validate(model, datamodule=ImageData(n_val=41, batch_size=4), verbose=False)
+
+
+def _validate_images(tmp_path, name: str, devices: int) -> dict:
+    if devices > 1:
+        run_two_ranks(_images_run, tmp_path, name, devices)
+    else:
+        _images_run(tmp_path, name, devices)
     scalars, _ = read_events(tmp_path / name)
     return {k: v for k, v in scalars.items() if k.startswith("netsim")}
 
