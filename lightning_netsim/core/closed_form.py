@@ -190,9 +190,73 @@ class _ConvRule(ClosedFormRule):
         return windows.permute(0, 2, 3, 1, 4, 5).reshape(a.shape[0], -1, a.shape[1] * size[0] * size[1])
 
     def bind(self, module: nn.Module, attrs: list[str], inputs: list[Tensor], grads: list[Tensor]) -> LayerTerms:
-        a = _cat([self._unfold(module, x) for x in inputs], 1)
-        g = _cat([y.flatten(3).mT if y.ndim > 3 else y.mT for y in grads], 2)
-        return _AffineTerms(module.weight.shape, attrs, a, g)
+        return _ConvTerms(self, module, attrs, inputs, grads)
+
+    def weight_grad(self, module: nn.Module, a: Tensor, g: Tensor, groups: int = 1) -> Tensor:
+        """The convolution's weight gradient for input ``a`` and output gradient ``g`` (torch's own kernel)."""
+        padding = self._padding(module)
+        fn = torch.nn.grad.conv1d_weight if self.dims == 1 else torch.nn.grad.conv2d_weight
+        shape = (g.shape[1], a.shape[1] // groups, *module.kernel_size)
+        return fn(a, shape, g, stride=module.stride, padding=padding, dilation=module.dilation, groups=groups)
+
+
+class _ConvTerms(LayerTerms):
+    """Convolution terms: explicit per-sample weight gradients by one grouped convolution (examples as
+    groups), or the Gram form through unfolded inputs when positions are few relative to channels."""
+
+    def __init__(self, rule: _ConvRule, module: nn.Module, attrs: list[str], inputs: list[Tensor], grads: list[Tensor]) -> None:
+        self.rule, self.module, self.attrs, self.inputs, self.grads = rule, module, attrs, inputs, grads
+        self.per_sample: Optional[Tensor] = None  # (B, d, O, C·k)
+
+    def _explicit(self) -> Tensor:
+        b = self.inputs[0].shape[0]
+        total = None
+        for a, g in zip(self.inputs, self.grads):
+            rows = []
+            for k in range(g.shape[0]):  # one grouped weight gradient per output row: examples are the groups
+                grad = g[k].reshape(1, -1, *g.shape[3:])
+                rows.append(self.rule.weight_grad(self.module, a.reshape(1, -1, *a.shape[2:]), grad, groups=b).reshape(b, g.shape[2], -1))
+            part = torch.stack(rows, 1)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def kernel(self) -> Tensor:
+        g0 = self.grads[0]
+        d, b, o = g0.shape[:3]
+        t = sum(int(torch.tensor(y.shape[3:]).prod()) for y in self.grads)
+        i = self.inputs[0].shape[1] * int(torch.tensor(self.module.kernel_size).prod())
+        total = g0.new_zeros(b, d, d)
+        if "weight" in self.attrs:
+            explicit = d * t * o * i + d * d * o * i
+            gram = t * t * i + d * t * t * o + d * d * t * o
+            if gram < explicit:
+                a = _cat([self.rule._unfold(self.module, x) for x in self.inputs], 1)
+                g = _cat([y.flatten(3).mT for y in self.grads], 2)
+                total = total + _gram_kernel(a @ a.mT, g)
+            else:
+                self.per_sample = self._explicit()
+                total = total + _explicit_kernel(self.per_sample)
+        if "bias" in self.attrs:
+            bias = sum(y.flatten(3).sum(3) for y in self.grads)  # (d, B, O)
+            total = total + _explicit_kernel(bias.transpose(0, 1))  # type: ignore[union-attr]
+        return total
+
+    def weighted(self, w: Tensor) -> dict[str, Tensor]:
+        out = {}
+        mixed = [torch.einsum("bmk,kb...->mb...", w, y) for y in self.grads]  # (m, B, O, ...)
+        if "weight" in self.attrs:
+            if self.per_sample is not None:
+                weight = torch.einsum("bmk,bkoi->moi", w, self.per_sample)
+            else:  # an ordinary weight gradient per row m, with the mixed output gradients
+                weight = sum(
+                    torch.stack([self.rule.weight_grad(self.module, a, gw[m]) for m in range(gw.shape[0])]).flatten(2)
+                    for a, gw in zip(self.inputs, mixed)
+                )
+            out["weight"] = weight.reshape(-1, *self.module.weight.shape)  # type: ignore[union-attr]
+        if "bias" in self.attrs:
+            out["bias"] = sum(gw.flatten(3).sum((1, 3)) for gw in mixed)  # type: ignore[assignment]
+        return out
 
 
 class _EmbeddingTerms(LayerTerms):
