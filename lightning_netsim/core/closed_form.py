@@ -234,8 +234,13 @@ class _ConvTerms(LayerTerms):
                 a = _cat([self.rule._unfold(self.module, x) for x in self.inputs], 1)
                 g = _cat([y.flatten(3).mT for y in self.grads], 2)
                 total = total + _gram_kernel(a @ a.mT, g)
-            else:
+            elif d <= 2:  # a grouped weight gradient per row beats unfolding the inputs
                 self.per_sample = self._explicit()
+                total = total + _explicit_kernel(self.per_sample)
+            else:  # many rows: unfold once, then one batched product for all of them
+                a = _cat([self.rule._unfold(self.module, x) for x in self.inputs], 1)
+                g = _cat([y.flatten(3).mT for y in self.grads], 2)
+                self.per_sample = torch.einsum("kbto,bti->bkoi", g, a)
                 total = total + _explicit_kernel(self.per_sample)
         if "bias" in self.attrs:
             bias = sum(y.flatten(3).sum(3) for y in self.grads)  # (d, B, O)
