@@ -8,8 +8,10 @@ All measured side by side in one process (2 CPU cores here):
 
 Models: an MLP, a small CNN and a small transformer encoder (torch's own
 ``nn.TransformerEncoder``), d = 1 and d = 10. Peer baselines (Opacus per-sample
-gradients, BackPACK ``BatchGrad``, each followed by the same dense math) are
-timed when those packages are installed; they are never runtime dependencies.
+gradients, BackPACK ``BatchGrad``, each followed by the same dense math; one
+forward per output row, as both free their stored activations after a backward)
+are timed when installed (``pip install '.[bench]'``; they may pull another
+torch build); they are never runtime dependencies.
 
 Memory, each figure in a fresh process with data generated batch by batch (a
 re-iterable that holds no examples): the peak resident set of ``soft_density``
@@ -21,6 +23,7 @@ Run: ``python benchmarks/density.py [--repeats 3] [--markdown benchmarks/README.
 """
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -163,11 +166,18 @@ def main() -> None:
             ours = lambda: soft_density(model, batches)  # noqa: E731
             torch.testing.assert_close(ours(), materialized(), rtol=1e-3, atol=1e-2)
             fns = {"epoch": epoch, "ours": ours, "loop": loop, "materialized": materialized}
-            fns.update({p: (lambda f=f: f(model, batches)) for p, f in peers.items()})
+            usable = {}
+            for q, f in peers.items():
+                try:
+                    f(model, batches[:1])
+                    usable[q] = lambda f=f: f(model, batches)
+                except Exception:  # noqa: BLE001 - a peer that does not support this model
+                    pass
+            fns.update(usable)
             t = time_side_by_side(fns, args.repeats)
             p = sum(q.numel() for q in model.parameters())
             row = [name, d, p, f"{t['epoch']:.3f}", f"{t['ours'] / t['epoch']:.2f}", f"{t['ours'] / t['loop']:.3f}",
-                   f"{t['ours'] / t['materialized']:.3f}"] + [f"{t['ours'] / t[q]:.3f}" for q in peers]
+                   f"{t['ours'] / t['materialized']:.3f}"] + [f"{t['ours'] / t[q]:.3f}" if q in t else "unsupported" for q in peers]
             rows.append(row)
             print(" | ".join(str(v) for v in row))
 
@@ -211,17 +221,24 @@ def _peers() -> dict:
 def _opacus_density(model: nn.Module, batches: list) -> torch.Tensor:
     from opacus import GradSampleModule
 
+    model = copy.deepcopy(model)  # the peers attach hooks of their own
+    mode = model.training
+    with torch.no_grad():
+        d = model(batches[0][:1]).shape[1]
     wrapped = GradSampleModule(model)
+    wrapped.train()  # Opacus records activations in training mode only (these models have no dropout/BN)
     rows = []
     for xb in batches:
-        out = wrapped(xb)
         per_row = []
-        for k in range(out.shape[1]):
+        for k in range(d):  # Opacus consumes the stored activations: one forward per output row
             wrapped.zero_grad(set_to_none=True)
-            out[:, k].sum().backward(retain_graph=k + 1 < out.shape[1])
+            wrapped(xb)[:, k].sum().backward()
             per_row.append(torch.cat([p.grad_sample.flatten(1) for p in model.parameters()], 1))
         rows.append(torch.stack(per_row, 1))
     wrapped._close()
+    model.train(mode)
+    for p in model.parameters():
+        p.grad = None
     return dense_density(normalized_jacobian(torch.cat(rows)))
 
 
@@ -229,16 +246,17 @@ def _backpack_density(model: nn.Module, batches: list) -> torch.Tensor:
     from backpack import backpack, extend
     from backpack.extensions import BatchGrad
 
-    extended = extend(model)
+    extended = extend(copy.deepcopy(model))  # extend() changes the model in place
+    with torch.no_grad():
+        d = extended(batches[0][:1]).shape[1]
     rows = []
     for xb in batches:
-        out = extended(xb)
         per_row = []
-        for k in range(out.shape[1]):
+        for k in range(d):  # BackPACK frees what it stored after each backward: one forward per row
             extended.zero_grad()
             with backpack(BatchGrad()):
-                out[:, k].sum().backward(retain_graph=k + 1 < out.shape[1])
-            per_row.append(torch.cat([p.grad_batch.flatten(1) for p in model.parameters()], 1))
+                extended(xb)[:, k].sum().backward()
+            per_row.append(torch.cat([p.grad_batch.flatten(1) for p in extended.parameters()], 1))
         rows.append(torch.stack(per_row, 1))
     return dense_density(normalized_jacobian(torch.cat(rows)))
 
