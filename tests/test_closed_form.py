@@ -93,6 +93,42 @@ def test_closed_forms_equal_the_generic_path(case):
     torch.testing.assert_close(total, expected_total, **TOL)
 
 
+# Convolutions whose shapes make the explicit per-sample form cheaper than the Gram form.
+_CONV_CASES = ["conv2d-pad", "conv2d-dilation", "conv2d-same", "conv1d", "groupnorm", "batchnorm2d-eval"]
+
+
+@pytest.mark.parametrize("method", ["_grouped", "_unfolded"])
+@pytest.mark.parametrize("case", _CONV_CASES)
+def test_both_per_sample_convolution_methods_are_exact(case, method, monkeypatch):
+    """The timed choice between the two explicit forms must not matter: each alone is exact."""
+    from lightning_netsim.core import closed_form
+
+    used = []
+
+    def forced(self):
+        used.append(method)
+        return getattr(self, method)(self.inputs, self.grads)
+
+    monkeypatch.setattr(closed_form._ConvTerms, "_per_sample", forced)
+    make_model, make_inputs = CASES[case]
+    _, (kernel, total), (expected_kernel, expected_total) = _run(make_model(), make_inputs())
+    assert used, "the explicit form was not used: the case does not test it"
+    torch.testing.assert_close(kernel, expected_kernel, **TOL)
+    torch.testing.assert_close(total, expected_total, **TOL)
+
+
+def test_convolution_method_is_timed_once_per_setting():
+    from lightning_netsim.core import closed_form
+
+    model = CASES["conv1d"][0]()
+    _run(model, _img(4, 2, 9))
+    first = {id(m): dict(v) for m, v in closed_form._CONV_METHODS.items() if any(m is c for c in model.modules())}
+    assert len(first) == 2 and all(set(v.values()) <= {"grouped", "unfold"} for v in first.values())
+    _run(model, _img(4, 2, 9))
+    again = {id(m): dict(v) for m, v in closed_form._CONV_METHODS.items() if any(m is c for c in model.modules())}
+    assert again == first
+
+
 def test_every_registered_type_is_covered_by_a_case():
     covered = {type(m) for make, _ in CASES.values() for m in make().modules()}
     assert set(CLOSED_FORMS) <= covered

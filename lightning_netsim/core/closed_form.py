@@ -24,6 +24,7 @@ checked against the generic path on two examples; a module that disagrees
 examples across the batch dimension) is moved to the generic path.
 """
 
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +82,17 @@ class ClosedFormRule:
     def bind(self, module: nn.Module, attrs: list[str], inputs: list[Tensor], grads: list[Tensor]) -> LayerTerms:
         """The terms of the parameters ``attrs`` of ``module`` for one batch."""
         raise NotImplementedError
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+_CONV_METHODS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]]" = weakref.WeakKeyDictionary()
+"""Per convolution: the faster way found to build its per-sample weight gradients, by shapes and device."""
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
@@ -201,25 +213,60 @@ class _ConvRule(ClosedFormRule):
 
 
 class _ConvTerms(LayerTerms):
-    """Convolution terms: explicit per-sample weight gradients by one grouped convolution (examples as
-    groups), or the Gram form through unfolded inputs when positions are few relative to channels."""
+    """Convolution terms: explicit per-sample weight gradients (grouped weight gradients or unfolded
+    inputs, whichever is faster), or the Gram form when positions are few relative to channels."""
 
     def __init__(self, rule: _ConvRule, module: nn.Module, attrs: list[str], inputs: list[Tensor], grads: list[Tensor]) -> None:
         self.rule, self.module, self.attrs, self.inputs, self.grads = rule, module, attrs, inputs, grads
         self.per_sample: Optional[Tensor] = None  # (B, d, O, C·k)
 
-    def _explicit(self) -> Tensor:
-        b = self.inputs[0].shape[0]
+    def _grouped(self, inputs: list[Tensor], grads: list[Tensor]) -> Tensor:
+        """Per-sample weight gradients by one grouped weight gradient per output row (examples as groups)."""
+        b = inputs[0].shape[0]
         total = None
-        for a, g in zip(self.inputs, self.grads):
+        for a, g in zip(inputs, grads):
             rows = []
-            for k in range(g.shape[0]):  # one grouped weight gradient per output row: examples are the groups
+            for k in range(g.shape[0]):
                 grad = g[k].reshape(1, -1, *g.shape[3:])
-                rows.append(self.rule.weight_grad(self.module, a.reshape(1, -1, *a.shape[2:]), grad, groups=b).reshape(b, g.shape[2], -1))
+                flat = a.reshape(1, -1, *a.shape[2:])
+                rows.append(self.rule.weight_grad(self.module, flat, grad, groups=b).reshape(b, g.shape[2], -1))
             part = torch.stack(rows, 1)
             total = part if total is None else total + part
         assert total is not None
         return total
+
+    def _unfolded(self, inputs: list[Tensor], grads: list[Tensor]) -> Tensor:
+        """Per-sample weight gradients from unfolded inputs: one batched product for all d rows."""
+        a = _cat([self.rule._unfold(self.module, x) for x in inputs], 1)
+        g = _cat([y.flatten(3).mT for y in grads], 2)
+        return torch.einsum("kbto,bti->bkoi", g, a)
+
+    def _per_sample(self) -> Tensor:
+        """``(B, d, O, C·k)`` explicit per-sample weight gradients, by the faster of two ways.
+
+        Grouped weight gradients win for many input channels; unfolding wins for
+        few (an RGB input layer) or for many rows. Which is faster depends on the
+        shapes, the backend and the device, so the first batch of each module and
+        setting times both, twice each on up to 32 of its examples, and keeps the
+        faster (both give the same numbers).
+        """
+        g0 = self.grads[0]
+        key = (tuple(tuple(x.shape) for x in self.inputs), g0.shape[0], g0.dtype, g0.device)
+        methods = {"grouped": self._grouped, "unfold": self._unfolded}
+        known = _CONV_METHODS.setdefault(self.module, {})
+        if key not in known:
+            n = min(32, g0.shape[1])
+            inputs, grads = [x[:n] for x in self.inputs], [y[:, :n] for y in self.grads]
+            seconds = dict.fromkeys(methods, float("inf"))
+            for _ in range(2):
+                for name, fn in methods.items():
+                    start = _synchronized_clock(g0.device)
+                    fn(inputs, grads)
+                    seconds[name] = min(seconds[name], _synchronized_clock(g0.device) - start)
+            if len(known) >= 8:
+                known.pop(next(iter(known)))
+            known[key] = min(seconds, key=seconds.__getitem__)
+        return methods[known[key]](self.inputs, self.grads)
 
     def kernel(self) -> Tensor:
         g0 = self.grads[0]
@@ -234,13 +281,8 @@ class _ConvTerms(LayerTerms):
                 a = _cat([self.rule._unfold(self.module, x) for x in self.inputs], 1)
                 g = _cat([y.flatten(3).mT for y in self.grads], 2)
                 total = total + _gram_kernel(a @ a.mT, g)
-            elif d <= 2:  # a grouped weight gradient per row beats unfolding the inputs
-                self.per_sample = self._explicit()
-                total = total + _explicit_kernel(self.per_sample)
-            else:  # many rows: unfold once, then one batched product for all of them
-                a = _cat([self.rule._unfold(self.module, x) for x in self.inputs], 1)
-                g = _cat([y.flatten(3).mT for y in self.grads], 2)
-                self.per_sample = torch.einsum("kbto,bti->bkoi", g, a)
+            else:
+                self.per_sample = self._per_sample()
                 total = total + _explicit_kernel(self.per_sample)
         if "bias" in self.attrs:
             bias = sum(y.flatten(3).sum(3) for y in self.grads)  # (d, B, O)
