@@ -50,6 +50,15 @@ class Batches:
             )
 
 
+def check_same_d(d_data: int, d_ref: int) -> None:
+    """Refuse data and reference whose outputs have different dimensions."""
+    if d_data != d_ref:
+        raise ValueError(
+            f"Expected `data` and `reference` to give outputs of one dimension, but got d = {d_data} "
+            f"and d = {d_ref}. Fix: use the same `output_fn` for both (and the same kind of batch)."
+        )
+
+
 def check_finite(values: Tensor, name: str, start: int) -> None:
     """Refuse per-sample values ``(B, ...)`` (outputs, Jacobians, kernels) that are not finite."""
     bad = (~torch.isfinite(values)).flatten(1).any(1)

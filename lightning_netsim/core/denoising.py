@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_netsim.core._sweep import Batches, checked_jacobian, streamed_pairs
+from lightning_netsim.core._sweep import Batches, check_same_d, checked_jacobian, streamed_pairs
 from lightning_netsim.core.data import check_data
 from lightning_netsim.core.distributed import ShardLayout, ShardSpec, all_reduce_sum
 from lightning_netsim.core.jacobians import JacobianEngine, OutputFn, PreparedBatch, grad_mode_for_autograd
@@ -98,14 +98,6 @@ def _reference_sums(setup: _Setup, targets: Optional[TargetFn], need_u: bool) ->
     return all_reduce_sum(total), (all_reduce_sum(weighted) if weighted is not None else None)
 
 
-def _check_d(jac: Tensor, total: Tensor) -> None:
-    if jac.shape[1] != total.shape[0]:
-        raise ValueError(
-            f"Expected `data` and `reference` to give outputs of one dimension, but got d = {jac.shape[1]} "
-            f"and d = {total.shape[0]}. Fix: use one `output_fn` for both."
-        )
-
-
 def neighbor_consistency(
     model: nn.Module,
     data: Any,
@@ -146,7 +138,7 @@ def neighbor_consistency(
         out = []
         for batch, _, start in setup.data:
             jac = checked_jacobian(setup.engine, batch, "data", start)
-            _check_d(jac, total)
+            check_same_d(jac.shape[1], total.shape[0])
             m = total @ jac.mT  # M_i[m, k] = T_m · J_i,k
             average = ((jac @ u).unsqueeze(1) @ _inverse(m)).squeeze(1)
             y = _targets(setup.engine, batch, targets, jac.shape[1])

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, get_args
 import torch
 from torch import Tensor, nn
 
-from lightning_netsim.core._sweep import Batches, check_finite, checked_jacobian, streamed_pairs
+from lightning_netsim.core._sweep import Batches, check_finite, check_same_d, checked_jacobian, streamed_pairs
 from lightning_netsim.core.closed_form import LayerwiseKernels
 from lightning_netsim.core.data import check_data
 from lightning_netsim.core.distributed import ShardLayout, ShardSpec, all_reduce_max, all_reduce_sum
@@ -27,14 +27,6 @@ __all__ = ["CountMethod", "DensityAccumulator", "counts_from_similarity", "neigh
 
 CountMethod = Literal["hard", "less_soft"]
 _METHODS: tuple[str, ...] = get_args(CountMethod)
-
-
-def _check_dims(d_data: int, d_ref: int) -> None:
-    if d_data != d_ref:
-        raise ValueError(
-            f"Expected `data` and `reference` to give outputs of one dimension, but got d = {d_data} "
-            f"and d = {d_ref}. Fix: use the same `output_fn` for both (and the same kind of batch)."
-        )
 
 
 def soft_density(
@@ -177,7 +169,7 @@ class DensityAccumulator:
         check_finite(out, name, start)
         assert part is not None
         if self.total is not None and part.shape[0] != self.total.shape[0]:
-            _check_dims(part.shape[0], self.total.shape[0])
+            check_same_d(part.shape[0], self.total.shape[0])
         self.total = part if self.total is None else self.total + part
         return torch.cat(normalizers)
 
@@ -208,7 +200,7 @@ class DensityAccumulator:
                 out, kernel, _ = self.layers.compute(batch)
             check_finite(out, name, start)
             check_finite(kernel, name, start)
-            _check_dims(out.shape[1], d)
+            check_same_d(out.shape[1], d)
             normalizers = inverse_sqrt_psd(kernel, self.eps)
         directional = self.engine.jvp(batch, self.total)  # [d (rows m of S), B, d (outputs k)]
         return torch.einsum("bmk,mbk->b", normalizers, directional) / d
@@ -316,7 +308,7 @@ def neighbor_counts(
 
     def accumulate(state: Tensor, q: Tensor, q_index: Tensor, r: Tensor, keep: Tensor, r_index: Tensor) -> Tensor:
         if q.shape[1] != r.shape[1]:
-            _check_dims(q.shape[1] // engine.num_params, r.shape[1] // engine.num_params)
+            check_same_d(q.shape[1] // engine.num_params, r.shape[1] // engine.num_params)
         rho = (q @ r.T / (r.shape[1] // engine.num_params)).clamp(-1.0, 1.0)
         excluded = ~keep[None, :].expand_as(rho)
         if same:
