@@ -71,6 +71,36 @@ def test_value_and_gradients_equal_a_per_pair_loop(d, mode, direction):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-9)
 
 
+class _Normed(nn.Module):
+    """Affine layer and instance norms, whose fused kernels give wrong second derivatives under ``jacrev``."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.inp = nn.Linear(3, 8)
+        self.layer_norm = nn.LayerNorm(8)
+        self.instance_norm = nn.InstanceNorm1d(2, affine=True)
+        self.out = nn.Linear(8, d)
+        with torch.no_grad():  # move the affine parameters off their initial values
+            for p in (*self.layer_norm.parameters(), *self.instance_norm.parameters()):
+                p.add_(0.3 * torch.randn_like(p))
+
+    def forward(self, x):
+        h = torch.tanh(self.layer_norm(self.inp(x)))
+        return self.out(torch.tanh(self.instance_norm(h.reshape(-1, 2, 4)).reshape(-1, 8)))
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_gradients_through_norm_layers_equal_a_per_pair_loop(d):
+    net, (a, b) = _Normed(d).double(), _pairs()
+    expected = (1 - _reference(net, a, b, "pair")).mean()
+    got = similarity_loss(net, a, b)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    params = list(net.parameters())
+    for g, e in zip(_grads(got, params), _grads(expected, params)):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("mode", ["pair", "batch"])
 def test_target_projection_output(mode):
     net, (a, b) = _net(3), _pairs(4)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from lightning_netsim.core.batch import batch_size, flatten_batch
-from lightning_netsim.core.jacobians import _parameter_aliases, _transform_error, math_attention
+from lightning_netsim.core.jacobians import _parameter_aliases, _transform_error, math_attention, plain_norms
 from lightning_netsim.core.outputs import RandomProjection, target_projection
 from lightning_netsim.core.parameters import ParamSelection, select_parameters
 from lightning_netsim.errors import UsageError
@@ -162,7 +162,7 @@ def pair_similarity(
     selected = select_parameters(model, params)
     fn = _outputs(output, output_fn, seed)
     autocast_off = torch.autocast(device_type=next(iter(selected.values())).device.type, enabled=False)
-    with torch.enable_grad(), autocast_off, math_attention():
+    with torch.enable_grad(), autocast_off, math_attention(), plain_norms():
         if mode == "batch":
             return _batch_similarity(model, selected, fn, inputs_a, inputs_b, targets, eps)
         return _pair_similarity(model, selected, fn, inputs_a, inputs_b, targets, eps)

@@ -2,11 +2,13 @@
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
+from torch.overrides import TorchFunctionMode
 
 from lightning_netsim.core.batch import Batch, Rebuild, batch_size, flatten_batch, prepare_leaves
 from lightning_netsim.core.parameters import ParamSelection, check_per_sample_model, select_parameters
@@ -64,6 +66,67 @@ def math_attention() -> Iterator[None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def _plain_layer_norm(
+    input: Tensor, normalized_shape: Any, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
+) -> Tensor:
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    centered = input - input.mean(dims, keepdim=True)
+    out = centered * torch.rsqrt(centered.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+def _plain_instance_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    shape = (1, -1) + (1,) * (input.ndim - 2)
+    if use_input_stats:
+        centered = input - input.mean(tuple(range(2, input.ndim)), keepdim=True)
+        out = centered * torch.rsqrt(centered.square().mean(tuple(range(2, input.ndim)), keepdim=True) + eps)
+    else:
+        assert running_mean is not None and running_var is not None
+        out = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    return out if bias is None else out + bias.reshape(shape)
+
+
+class _PlainNorms(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.layer_norm:
+            return _plain_layer_norm(*args, **kwargs)
+        if func is F.instance_norm:
+            bound = dict(zip(("input", "running_mean", "running_var", "weight", "bias", "use_input_stats"), args))
+            bound.update(kwargs)
+            updates_stats = bound.get("use_input_stats", True) and bound.get("running_mean") is not None
+            if not updates_stats:  # running-statistics updates stay with torch's kernel
+                return _plain_instance_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def plain_norms() -> Iterator[None]:
+    """Compute ``F.layer_norm`` and ``F.instance_norm`` from elementary ops inside this scope.
+
+    ``torch.func.jacrev`` of the fused layer and instance norms gives wrong second
+    derivatives with respect to their affine parameters (torch 2.13: a double
+    backward through ``vmap(jacrev(...))`` differs from a per-example
+    ``autograd.grad`` loop and from finite differences by about 1e-3); the
+    elementary ops are exact. Double backpropagation runs inside this scope.
+    """
+    with _PlainNorms():
         yield
 
 
