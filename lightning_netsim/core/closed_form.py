@@ -194,12 +194,8 @@ class _ConvRule(ClosedFormRule):
         if self.dims == 1:  # as a 2-D convolution of height one
             a = a.unsqueeze(2)
             size, dilation, padding, stride = (1, *size), (1, *dilation), (0, *padding), (1, *stride)
-        if any(step != 1 for step in dilation):
-            return F.unfold(a, size, dilation=dilation, padding=padding, stride=stride).mT  # (B, L, C·k)
-        # Strided views are faster than F.unfold's per-example im2col on CPU.
-        a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
-        windows = a.unfold(2, size[0], stride[0]).unfold(3, size[1], stride[1])  # (B, C, Lh, Lw, kh, kw)
-        return windows.permute(0, 2, 3, 1, 4, 5).reshape(a.shape[0], -1, a.shape[1] * size[0] * size[1])
+        # F.unfold measured as fast as or faster than strided window views on CPU (2 cores, batches 32 and 256).
+        return F.unfold(a, size, dilation=dilation, padding=padding, stride=stride).mT  # (B, L, C·k)
 
     def bind(self, module: nn.Module, attrs: list[str], inputs: list[Tensor], grads: list[Tensor]) -> LayerTerms:
         return _ConvTerms(self, module, attrs, inputs, grads)
