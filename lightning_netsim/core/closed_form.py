@@ -514,11 +514,19 @@ class LayerwiseKernels:
     def _output_grads(self, out: Tensor, calls: dict[int, _Calls]) -> dict[int, list[Tensor]]:
         targets = [(key, i, t) for key, seen in calls.items() if not seen.broken for i, t in enumerate(seen.outputs)]
         b, d = out.shape
-        # A call made without autograd (e.g. under no_grad inside forward) does not move the output.
-        result: dict[int, list[Tensor]] = {key: [t.new_zeros(d, *t.shape) for t in calls[key].outputs] for key, _, _ in targets}
+        # A call made without autograd (e.g. under no_grad inside forward) does not move the output:
+        # its gradient, like an unused one, is zero (allocated only then).
+        grads_of: dict[int, list[Optional[Tensor]]] = {key: [None] * len(calls[key].outputs) for key, _, _ in targets}
+
+        def result() -> dict[int, list[Tensor]]:
+            return {
+                key: [t.new_zeros(d, *t.shape) if g is None else g for g, t in zip(found, calls[key].outputs)]
+                for key, found in grads_of.items()
+            }
+
         targets = [(key, i, t) for key, i, t in targets if t.requires_grad]
         if not targets or not out.requires_grad:
-            return result
+            return result()
         eye = torch.eye(d, dtype=out.dtype, device=out.device)
         tensors = [t for _, _, t in targets]
         if d == 1:
@@ -536,9 +544,8 @@ class LayerwiseKernels:
                     None if parts[0] is None else torch.stack(parts) for parts in zip(*rows)  # type: ignore[misc]
                 )
         for (key, i, _), g in zip(targets, grads):
-            if g is not None:
-                result[key][i] = g
-        return result
+            grads_of[key][i] = g
+        return result()
 
     def _demote(self, broken: set[int]) -> None:
         self.registered = [r for r in self.registered if id(r.module) not in broken]
